@@ -1,0 +1,58 @@
+# egress-guard — build, test, e2e, bench, lint.
+#
+# `make test` and `make demo` install what they need on a fresh Debian machine (apt packages
+# for the end-to-end tests: iptables, dnsmasq, curl, iproute2) and cache built tools under
+# .cache/ (git-ignored).
+
+SHELL       := /bin/bash
+GO          ?= go
+BIN         := bin
+CACHE       := $(CURDIR)/.cache
+
+.PHONY: all build test unit fuzz e2e bench bench-go bench-peers lint deps demo clean
+
+all: build
+
+build:
+	$(GO) build -o $(BIN)/egress-guard ./cmd/egress-guard
+
+# Installs the apt packages the e2e tests and the demo use, when they are missing.
+deps:
+	scripts/deps.sh
+
+# The whole suite (what CI runs): gofmt, vet, unit tests with the fuzz seed corpora, e2e.
+test:
+	scripts/test.sh
+
+unit:
+	$(GO) test -count=1 -race ./pkg/... ./sidecar/... ./cmd/...
+
+e2e: deps
+	$(GO) test -count=1 -timeout 10m ./e2e/...
+
+lint:
+	@out=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go')); \
+	if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
+	$(GO) vet ./...
+
+# Short fuzzing runs beyond the seed corpora (not part of `make test`).
+FUZZTIME ?= 30s
+fuzz:
+	$(GO) test -run '^$$' -fuzz FuzzParse -fuzztime $(FUZZTIME) ./pkg/policy/
+	$(GO) test -run '^$$' -fuzz FuzzParseClientHello -fuzztime $(FUZZTIME) ./pkg/peek/
+	$(GO) test -run '^$$' -fuzz FuzzParseHTTPRequestHead -fuzztime $(FUZZTIME) ./pkg/peek/
+
+bench: bench-go bench-peers
+
+bench-go:
+	$(GO) test -run '^$$' -bench . -benchmem ./pkg/... ./sidecar/...
+
+# egressbench against direct loopback, Squid, tinyproxy and egress-guard, side by side.
+bench-peers: build
+	./scripts/bench-peers.sh
+
+demo: deps build
+	./scripts/demo.sh
+
+clean:
+	rm -rf $(BIN) $(CACHE)

@@ -1,0 +1,92 @@
+// Package accesslog writes the two JSON lines egress-guard logs for every connection: a
+// decision line when the proxy has decided (before any upstream connection is opened) and a
+// close line when the connection ends, with bytes each way and duration.
+//
+// Credentials never reach this package: a Record has no field that could hold an API key or
+// token, only the identity name the credential resolved to.
+package accesslog
+
+import (
+	"context"
+	"log/slog"
+	"net/netip"
+	"time"
+)
+
+// Actions.
+const (
+	ActionAllowed = "allowed"
+	ActionDenied  = "denied"
+	ActionAudit   = "audit" // allowed only because the identity is in audit mode
+)
+
+// Record describes one proxied connection (a CONNECT tunnel, a forwarded HTTP request or a
+// transparently captured connection). The proxy fills it in as the pipeline advances.
+type Record struct {
+	ID          uint64
+	Listener    string // "explicit" or "transparent"
+	Client      netip.AddrPort
+	Method      string
+	Identity    string // policy identity, "unknown" for an unknown credential, "none" without one
+	Target      string // host:port the client asked for (CONNECT authority, URL host, SNI/Host)
+	SNI         string
+	Destination string // matched policy entry, or "none"
+	Action      string
+	Reason      string
+	Status      string // the egress_proxy_requests_total status
+	Upstream    netip.AddrPort
+	Start       time.Time
+	BytesUp     int64 // client to destination
+	BytesDown   int64 // destination to client
+	CloseReason string
+}
+
+// Logger writes decision and close lines.
+type Logger struct{ l *slog.Logger }
+
+// New wraps l, which should have a JSON handler.
+func New(l *slog.Logger) *Logger { return &Logger{l: l} }
+
+// Decision logs the decision line.
+func (lg *Logger) Decision(r *Record) {
+	level := slog.LevelInfo
+	if r.Action == ActionDenied {
+		level = slog.LevelWarn
+	}
+	lg.l.LogAttrs(context.Background(), level, "decision", r.common(r.Reason)...)
+}
+
+// Close logs the close line. Its reason is why the connection ended (closed, idle_timeout,
+// drain, ...); the decision's reason is repeated as decision_reason.
+func (lg *Logger) Close(r *Record) {
+	attrs := append(r.common(r.CloseReason),
+		slog.String("decision_reason", r.Reason),
+		slog.Int64("bytes_up", r.BytesUp),
+		slog.Int64("bytes_down", r.BytesDown),
+		slog.Int64("duration_ms", time.Since(r.Start).Milliseconds()),
+	)
+	lg.l.LogAttrs(context.Background(), slog.LevelInfo, "close", attrs...)
+}
+
+func (r *Record) common(reason string) []slog.Attr {
+	attrs := make([]slog.Attr, 0, 18)
+	attrs = append(attrs,
+		slog.Uint64("conn", r.ID),
+		slog.String("listener", r.Listener),
+		slog.String("client", r.Client.String()),
+		slog.String("method", r.Method),
+		slog.String("identity", r.Identity),
+		slog.String("target", r.Target),
+		slog.String("destination", r.Destination),
+		slog.String("action", r.Action),
+		slog.String("reason", reason),
+		slog.String("status", r.Status),
+	)
+	if r.SNI != "" {
+		attrs = append(attrs, slog.String("sni", r.SNI))
+	}
+	if r.Upstream.IsValid() {
+		attrs = append(attrs, slog.String("upstream", r.Upstream.String()))
+	}
+	return attrs
+}

@@ -1,0 +1,133 @@
+package dialer
+
+import (
+	"context"
+	"errors"
+	"net"
+	"net/netip"
+	"testing"
+	"time"
+
+	"golang.org/x/net/dns/dnsmessage"
+)
+
+// dnsServer answers A and AAAA queries for "known.test." and NXDOMAIN otherwise, on 127.0.0.1.
+func dnsServer(t *testing.T) string {
+	pc, err := net.ListenPacket("udp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { pc.Close() })
+	go func() {
+		buf := make([]byte, 512)
+		for {
+			n, addr, err := pc.ReadFrom(buf)
+			if err != nil {
+				return
+			}
+			var p dnsmessage.Parser
+			h, err := p.Start(buf[:n])
+			if err != nil {
+				continue
+			}
+			q, err := p.Question()
+			if err != nil {
+				continue
+			}
+			rh := dnsmessage.Header{ID: h.ID, Response: true, Authoritative: true}
+			known := q.Name.String() == "known.test."
+			if !known {
+				rh.RCode = dnsmessage.RCodeNameError
+			}
+			b := dnsmessage.NewBuilder(nil, rh)
+			b.EnableCompression()
+			b.StartQuestions()
+			b.Question(q)
+			b.StartAnswers()
+			rrh := dnsmessage.ResourceHeader{Name: q.Name, Class: dnsmessage.ClassINET, TTL: 60}
+			if known && q.Type == dnsmessage.TypeA {
+				b.AResource(rrh, dnsmessage.AResource{A: [4]byte{198, 18, 1, 10}})
+				b.AResource(rrh, dnsmessage.AResource{A: [4]byte{198, 18, 1, 10}})
+			}
+			if known && q.Type == dnsmessage.TypeAAAA {
+				b.AAAAResource(rrh, dnsmessage.AAAAResource{AAAA: netip.MustParseAddr("fd00:18:1::10").As16()})
+			}
+			msg, _ := b.Finish()
+			pc.WriteTo(msg, addr)
+		}
+	}()
+	return pc.LocalAddr().String()
+}
+
+func TestLookup(t *testing.T) {
+	ctx := context.Background()
+	r := NewResolver(dnsServer(t))
+	got, err := Lookup(ctx, r, "known.test")
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := map[netip.Addr]bool{netip.MustParseAddr("198.18.1.10"): true, netip.MustParseAddr("fd00:18:1::10"): true}
+	if len(got) != 2 || !want[got[0]] || !want[got[1]] {
+		t.Fatalf("Lookup = %v, want both addresses once", got)
+	}
+	if _, err := Lookup(ctx, r, "missing.test"); !errors.Is(err, ErrNoSuchHost) {
+		t.Fatalf("missing name: %v, want ErrNoSuchHost", err)
+	}
+	if got, err := Lookup(ctx, r, "::ffff:10.0.0.1"); err != nil || got[0] != netip.MustParseAddr("10.0.0.1") {
+		t.Fatalf("literal: %v %v", got, err)
+	}
+}
+
+func listen(t *testing.T) (net.Listener, uint16) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			c.Close()
+		}
+	}()
+	return ln, uint16(ln.Addr().(*net.TCPAddr).Port)
+}
+
+func TestDialSkipsRefusedAddress(t *testing.T) {
+	_, port := listen(t)
+	// 127.0.0.2 has no listener on that port: refused, then 127.0.0.1 accepts.
+	addrs := []netip.Addr{netip.MustParseAddr("127.0.0.2"), netip.MustParseAddr("127.0.0.1")}
+	c, used, err := Dial(context.Background(), &net.Dialer{}, addrs, port, 5*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.Close()
+	if used != netip.AddrPortFrom(addrs[1], port) {
+		t.Fatalf("used %v", used)
+	}
+}
+
+func TestDialAllRefused(t *testing.T) {
+	ln, port := listen(t)
+	ln.Close()
+	_, _, err := Dial(context.Background(), &net.Dialer{}, []netip.Addr{netip.MustParseAddr("127.0.0.1")}, port, 5*time.Second)
+	if err == nil || IsTimeout(err) {
+		t.Fatalf("err = %v, timeout=%v; want a refusal", err, IsTimeout(err))
+	}
+}
+
+func TestDialTimeout(t *testing.T) {
+	_, port := listen(t)
+	ctx, cancel := context.WithDeadline(context.Background(), time.Now().Add(-time.Second))
+	defer cancel()
+	_, _, err := Dial(ctx, &net.Dialer{}, []netip.Addr{netip.MustParseAddr("127.0.0.1")}, port, 5*time.Second)
+	if err == nil || !IsTimeout(err) {
+		t.Fatalf("err = %v, want a timeout", err)
+	}
+	if _, _, err := Dial(context.Background(), &net.Dialer{}, nil, port, time.Second); err == nil {
+		t.Fatal("dial with no addresses succeeded")
+	}
+}

@@ -1,0 +1,124 @@
+// Package metrics defines the Prometheus metrics of egress-guard.
+//
+// The names and labels of the first four metrics are the original egress-guard's and
+// dashboards depend on them. Every label value is bounded: identities come from the
+// policy (or the fixed words "unknown" and "none"), destinations are policy entries
+// (or "none"), statuses and reasons are fixed words. A raw host from a client never
+// becomes a label, so an unauthenticated client cannot grow the series count.
+package metrics
+
+import (
+	"net/http"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+)
+
+// Status values of egress_proxy_requests_total, as in the original.
+const (
+	StatusAllowed          = "allowed"
+	StatusDenied           = "denied"
+	StatusAuthRequired     = "auth_required"
+	StatusBadRequest       = "bad_request"
+	StatusConnectionFailed = "connection_failed"
+	StatusSNIMismatch      = "sni_mismatch"
+)
+
+// Metrics holds the collectors and the registry that serves them.
+type Metrics struct {
+	Registry *prometheus.Registry
+
+	Requests             *prometheus.CounterVec // identity, destination, status
+	ConfigReloads        prometheus.Counter
+	ConfigLoadErrors     prometheus.Counter
+	AllowedDestinations  *prometheus.GaugeVec // identity
+	PolicyHash           *prometheus.GaugeVec // hash
+	ActiveTunnels        prometheus.Gauge
+	TunnelsRejected      prometheus.Counter
+	AuditWouldDeny       *prometheus.CounterVec // identity, reason
+	TunnelBytes          *prometheus.CounterVec // identity, direction
+	ConnectionsClosed    *prometheus.CounterVec // reason
+	LastReloadSuccessful prometheus.Gauge
+}
+
+// New registers every metric on a fresh registry, with the Go and process collectors.
+func New() *Metrics {
+	r := prometheus.NewRegistry()
+	m := &Metrics{
+		Registry: r,
+		Requests: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "egress_proxy_requests_total",
+			Help: "Total proxy requests by identity, matched policy destination and status.",
+		}, []string{"identity", "destination", "status"}),
+		ConfigReloads: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "egress_proxy_config_reloads_total",
+			Help: "Successful policy loads.",
+		}),
+		ConfigLoadErrors: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "egress_proxy_config_load_errors_total",
+			Help: "Policy loads that failed; the last good policy stays active.",
+		}),
+		AllowedDestinations: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "egress_proxy_allowed_destinations",
+			Help: "Allowed destinations per identity in the active policy.",
+		}, []string{"identity"}),
+		PolicyHash: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "egress_proxy_policy_hash_info",
+			Help: "1 for the hash of the active policy file (sha256 prefix).",
+		}, []string{"hash"}),
+		ActiveTunnels: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "egress_proxy_active_tunnels",
+			Help: "Open tunnels and forwarded HTTP exchanges.",
+		}),
+		TunnelsRejected: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "egress_proxy_tunnel_limit_rejections_total",
+			Help: "Connections refused because the concurrent tunnel cap was reached.",
+		}),
+		AuditWouldDeny: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "egress_proxy_audit_would_deny_total",
+			Help: "Connections of audit-mode identities that enforce mode would have denied.",
+		}, []string{"identity", "reason"}),
+		TunnelBytes: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "egress_proxy_bytes_total",
+			Help: "Bytes relayed, counted when a connection closes (direction up = client to destination).",
+		}, []string{"identity", "direction"}),
+		ConnectionsClosed: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "egress_proxy_connections_closed_total",
+			Help: "Relayed connections closed, by close reason.",
+		}, []string{"reason"}),
+		LastReloadSuccessful: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "egress_proxy_config_last_reload_successful",
+			Help: "1 if the last policy load attempt succeeded, 0 if it failed.",
+		}),
+	}
+	r.MustRegister(m.Requests, m.ConfigReloads, m.ConfigLoadErrors, m.AllowedDestinations,
+		m.PolicyHash, m.ActiveTunnels, m.TunnelsRejected, m.AuditWouldDeny, m.TunnelBytes,
+		m.ConnectionsClosed, m.LastReloadSuccessful,
+		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	return m
+}
+
+// Handler serves the registry in the Prometheus text format.
+func (m *Metrics) Handler() http.Handler {
+	return promhttp.HandlerFor(m.Registry, promhttp.HandlerOpts{Registry: m.Registry})
+}
+
+// PolicyLoaded records a successful load of the policy with the given hash and the number
+// of destinations per identity. Identities that disappeared lose their series.
+func (m *Metrics) PolicyLoaded(hash string, destinations map[string]int) {
+	m.ConfigReloads.Inc()
+	m.LastReloadSuccessful.Set(1)
+	m.PolicyHash.Reset()
+	m.PolicyHash.WithLabelValues(hash).Set(1)
+	m.AllowedDestinations.Reset()
+	for id, n := range destinations {
+		m.AllowedDestinations.WithLabelValues(id).Set(float64(n))
+	}
+}
+
+// PolicyLoadFailed records a rejected policy; the previous policy's series stay.
+func (m *Metrics) PolicyLoadFailed() {
+	m.ConfigLoadErrors.Inc()
+	m.LastReloadSuccessful.Set(0)
+}

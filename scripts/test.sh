@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# The whole test suite: formatting, vet, unit tests (fuzz seed corpora included), and the
+# end-to-end tests in e2e/ (network namespaces, iptables, dnsmasq, curl; they need root and
+# fail rather than skip when CI=true).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/deps.sh
+
+echo "== gofmt"
+unformatted=$(gofmt -l $(git ls-files '*.go' 2>/dev/null || find . -name '*.go' -not -path './.cache/*'))
+if [ -n "$unformatted" ]; then echo "gofmt needed:"; echo "$unformatted"; exit 1; fi
+echo "== go vet"
+go vet ./...
+echo "== unit tests"
+go test -count=1 -race ./pkg/... ./sidecar/... ./cmd/... ./scripts/...
+echo "== e2e tests"
+log=$(mktemp /tmp/egress-guard-e2e.XXXXXX.log)
+if ! go test -count=1 -timeout 15m -v ./e2e/... >"$log" 2>&1; then
+  grep -vE '^=== (RUN|PAUSE|CONT)' "$log" | tail -150
+  echo "e2e failed; full log: $log"
+  exit 1
+fi
+# One line per test (with skips and their reasons), then go test's own summary.
+grep -E '^\s*--- (PASS|SKIP|FAIL)|^(ok|FAIL)\s' "$log"
+grep -A2 -E '^\s*--- SKIP' "$log" | grep -E '_test.go' || true

@@ -1,0 +1,311 @@
+// Package tunnel tracks the proxy's client connections and relays tunnel bytes.
+//
+// The proxy accepts connections itself (it does not hand them to net/http), so nothing else
+// knows they exist: http.Server.Shutdown would not wait for them. The Tracker is the one place
+// that does. It enforces the cap on concurrent connections, closes idle ones, and drains on
+// shutdown.
+//
+// Relaying copies *net.TCPConn to *net.TCPConn with io.Copy so that the runtime uses
+// splice(2): the bytes never enter user space. Because splice hides individual reads from us,
+// idleness is measured from the kernel's own per-socket counters (TCP_INFO bytes received and
+// bytes acked on the client socket) by one reaper goroutine, instead of resetting deadlines on
+// every read.
+package tunnel
+
+import (
+	"context"
+	"errors"
+	"io"
+	"net"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// Close reasons reported by Relay.
+const (
+	ReasonClosed      = "closed"       // both sides finished normally
+	ReasonReset       = "reset"        // a side failed or reset the connection
+	ReasonIdleTimeout = "idle_timeout" // no byte moved for the idle timeout
+	ReasonDrain       = "drain"        // closed by shutdown
+)
+
+// ErrLimit is returned by Add when the concurrent connection cap is reached.
+var ErrLimit = errors.New("tunnel: concurrent connection limit reached")
+
+// ErrDraining is returned by Add once Drain has started.
+var ErrDraining = errors.New("tunnel: proxy is draining")
+
+// Config sets the tracker's limits.
+type Config struct {
+	// MaxConns caps the connections tracked at once; 0 means no cap.
+	MaxConns int
+	// IdleTimeout closes a connection on which no byte moved for this long.
+	IdleTimeout time.Duration
+	// DrainIdleTimeout is the idle timeout while draining: idle keep-alive and pooled
+	// connections should not hold shutdown for the whole drain budget.
+	DrainIdleTimeout time.Duration
+	// Tick is how often idleness is sampled; defaults to one second.
+	Tick time.Duration
+}
+
+// Tracker tracks live connections. The zero value is not usable; call NewTracker.
+type Tracker struct {
+	cfg      Config
+	mu       sync.Mutex
+	conns    map[*Conn]struct{}
+	draining bool
+	wg       sync.WaitGroup
+	count    atomic.Int64
+}
+
+// NewTracker returns a tracker with cfg.
+func NewTracker(cfg Config) *Tracker {
+	if cfg.Tick <= 0 {
+		cfg.Tick = time.Second
+	}
+	return &Tracker{cfg: cfg, conns: make(map[*Conn]struct{})}
+}
+
+// Conn is a tracked client connection and, once dialed, its upstream.
+type Conn struct {
+	t        *Tracker
+	client   *net.TCPConn
+	mu       sync.Mutex // guards upstream and reason
+	upstream *net.TCPConn
+	reason   string // set when the tracker closes the connection
+
+	// Owned by the reaper, under Tracker.mu.
+	lastBytes  uint64
+	lastChange time.Time
+}
+
+// Add starts tracking client. It fails with ErrLimit at the cap and with ErrDraining once
+// draining; the caller still owns client then.
+func (t *Tracker) Add(client *net.TCPConn) (*Conn, error) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if t.draining {
+		return nil, ErrDraining
+	}
+	if t.cfg.MaxConns > 0 && len(t.conns) >= t.cfg.MaxConns {
+		return nil, ErrLimit
+	}
+	c := &Conn{t: t, client: client, lastChange: time.Now()}
+	t.conns[c] = struct{}{}
+	t.wg.Add(1)
+	t.count.Add(1)
+	return c, nil
+}
+
+// Len returns the number of tracked connections.
+func (t *Tracker) Len() int { return int(t.count.Load()) }
+
+// Done stops tracking c and closes both of its sockets. It must be called exactly once per
+// successful Add.
+func (c *Conn) Done() {
+	t := c.t
+	t.mu.Lock()
+	delete(t.conns, c)
+	t.mu.Unlock()
+	c.closeSockets()
+	t.count.Add(-1)
+	t.wg.Done()
+}
+
+// SetUpstream attaches the dialed upstream so that the tracker closes it with the client. If
+// the tracker already closed the connection, the upstream is closed at once and false is
+// returned.
+func (c *Conn) SetUpstream(u *net.TCPConn) bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.reason != "" {
+		u.Close()
+		return false
+	}
+	c.upstream = u
+	return true
+}
+
+// CloseReason returns why the tracker closed the connection, or "" if it did not.
+func (c *Conn) CloseReason() string {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.reason
+}
+
+// closeWith closes both sockets, recording reason unless one was recorded already.
+func (c *Conn) closeWith(reason string) {
+	c.mu.Lock()
+	if c.reason == "" {
+		c.reason = reason
+	}
+	c.mu.Unlock()
+	c.closeSockets()
+}
+
+func (c *Conn) closeSockets() {
+	c.mu.Lock()
+	u := c.upstream
+	c.mu.Unlock()
+	c.client.Close()
+	if u != nil {
+		u.Close()
+	}
+}
+
+// Relay writes prefix (bytes already read from the client, such as a peeked ClientHello) to
+// the upstream, then copies both directions until both have ended. A clean EOF from one side
+// is propagated as a half-close (shutdown SHUT_WR) to the other, so request/response protocols
+// that close their sending side keep working. It returns the bytes moved each way, prefix
+// included, and why the relay ended.
+func (c *Conn) Relay(prefix []byte) (up, down int64, reason string) {
+	c.mu.Lock()
+	u := c.upstream
+	c.mu.Unlock()
+	if u == nil {
+		return 0, 0, ReasonReset
+	}
+	var upErr, downErr error
+	if len(prefix) > 0 {
+		n, err := u.Write(prefix)
+		up += int64(n)
+		if err != nil {
+			c.closeWith(ReasonReset)
+			return up, 0, c.finalReason(err, nil)
+		}
+	}
+	downDone := make(chan struct{})
+	go func() {
+		defer close(downDone)
+		// client.ReadFrom(upstream) splices.
+		down, downErr = io.Copy(c.client, u)
+		if downErr == nil {
+			c.client.CloseWrite()
+		} else {
+			// The other direction cannot usefully go on once one side failed.
+			c.closeWith(ReasonReset)
+		}
+	}()
+	n, upErr := io.Copy(u, c.client)
+	up += n
+	if upErr == nil {
+		u.CloseWrite()
+	} else {
+		c.closeWith(ReasonReset)
+	}
+	<-downDone
+	return up, down, c.finalReason(upErr, downErr)
+}
+
+func (c *Conn) finalReason(upErr, downErr error) string {
+	if r := c.CloseReason(); r != "" {
+		return r
+	}
+	if upErr != nil || downErr != nil {
+		return ReasonReset
+	}
+	return ReasonClosed
+}
+
+// Run samples idleness every tick until ctx is done, closing connections on which no byte
+// moved for the idle timeout (or the drain idle timeout while draining).
+func (t *Tracker) Run(ctx context.Context) {
+	tick := time.NewTicker(t.cfg.Tick)
+	defer tick.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case now := <-tick.C:
+			t.reap(now)
+		}
+	}
+}
+
+func (t *Tracker) reap(now time.Time) {
+	var idle []*Conn
+	t.mu.Lock()
+	limit := t.cfg.IdleTimeout
+	if t.draining && t.cfg.DrainIdleTimeout > 0 && (limit <= 0 || t.cfg.DrainIdleTimeout < limit) {
+		limit = t.cfg.DrainIdleTimeout
+	}
+	if limit > 0 {
+		for c := range t.conns {
+			b, ok := socketBytes(c.client)
+			if !ok || b != c.lastBytes {
+				c.lastBytes = b
+				c.lastChange = now
+				continue
+			}
+			if now.Sub(c.lastChange) >= limit {
+				idle = append(idle, c)
+			}
+		}
+	}
+	draining := t.draining
+	t.mu.Unlock()
+	reason := ReasonIdleTimeout
+	if draining {
+		reason = ReasonDrain
+	}
+	for _, c := range idle {
+		c.closeWith(reason)
+	}
+}
+
+// socketBytes returns bytes received plus bytes acknowledged on the socket: the sum moves
+// whenever data flows in either direction through it. ok is false when the counters cannot be
+// read (the socket is closing), which the caller treats as activity.
+func socketBytes(conn *net.TCPConn) (uint64, bool) {
+	rc, err := conn.SyscallConn()
+	if err != nil {
+		return 0, false
+	}
+	var info *unix.TCPInfo
+	var serr error
+	err = rc.Control(func(fd uintptr) {
+		info, serr = unix.GetsockoptTCPInfo(int(fd), unix.IPPROTO_TCP, unix.TCP_INFO)
+	})
+	if err != nil || serr != nil {
+		return 0, false
+	}
+	return info.Bytes_received + info.Bytes_acked, true
+}
+
+// Drain refuses new connections, waits for the tracked ones to end by themselves (idle ones
+// are closed after the drain idle timeout by Run), and when ctx ends closes the rest with
+// reason drain. It returns once every tracked connection is done, so that each one's close
+// line has been logged before the process exits.
+func (t *Tracker) Drain(ctx context.Context) {
+	t.mu.Lock()
+	t.draining = true
+	t.mu.Unlock()
+
+	done := make(chan struct{})
+	go func() { t.wg.Wait(); close(done) }()
+	select {
+	case <-done:
+		return
+	case <-ctx.Done():
+	}
+	t.mu.Lock()
+	rest := make([]*Conn, 0, len(t.conns))
+	for c := range t.conns {
+		rest = append(rest, c)
+	}
+	t.mu.Unlock()
+	for _, c := range rest {
+		c.closeWith(ReasonDrain)
+	}
+	<-done
+}
+
+// Draining reports whether Drain has started.
+func (t *Tracker) Draining() bool {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return t.draining
+}

@@ -1,0 +1,231 @@
+package tunnel
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"io"
+	"net"
+	"testing"
+	"time"
+)
+
+// pair returns the two ends of a loopback TCP connection.
+func pair(t *testing.T) (a, b *net.TCPConn) {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	ch := make(chan net.Conn, 1)
+	go func() {
+		c, _ := ln.Accept()
+		ch <- c
+	}()
+	c, err := net.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := <-ch
+	if s == nil {
+		t.Fatal("accept failed")
+	}
+	t.Cleanup(func() { c.Close(); s.Close() })
+	return c.(*net.TCPConn), s.(*net.TCPConn)
+}
+
+// setup builds app <-> [client | proxy | upstream] <-> server and returns the app's and the
+// server's ends plus the tracked connection.
+func setup(t *testing.T, tr *Tracker) (app, server *net.TCPConn, c *Conn) {
+	app, proxyClient := pair(t)
+	proxyUp, server := pair(t)
+	c, err := tr.Add(proxyClient)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !c.SetUpstream(proxyUp) {
+		t.Fatal("SetUpstream refused")
+	}
+	return app, server, c
+}
+
+type relayResult struct {
+	up, down int64
+	reason   string
+}
+
+func relay(c *Conn, prefix []byte) chan relayResult {
+	ch := make(chan relayResult, 1)
+	go func() {
+		up, down, reason := c.Relay(prefix)
+		c.Done()
+		ch <- relayResult{up, down, reason}
+	}()
+	return ch
+}
+
+func wait(t *testing.T, ch chan relayResult) relayResult {
+	t.Helper()
+	select {
+	case r := <-ch:
+		return r
+	case <-time.After(10 * time.Second):
+		t.Fatal("relay did not end")
+		return relayResult{}
+	}
+}
+
+func TestRelayHalfCloseAndCounts(t *testing.T) {
+	tr := NewTracker(Config{})
+	app, server, c := setup(t, tr)
+	done := relay(c, []byte("pre"))
+
+	if _, err := app.Write([]byte("request")); err != nil {
+		t.Fatal(err)
+	}
+	// The app closes its sending side; the server must see EOF after the bytes, and must still
+	// be able to answer (half-close, not close).
+	app.CloseWrite()
+	got, err := io.ReadAll(server)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if string(got) != "prerequest" {
+		t.Fatalf("server read %q, want %q", got, "prerequest")
+	}
+	resp := bytes.Repeat([]byte("x"), 1<<20)
+	if _, err := server.Write(resp); err != nil {
+		t.Fatal(err)
+	}
+	server.CloseWrite()
+	back, err := io.ReadAll(app)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(back) != len(resp) {
+		t.Fatalf("app read %d bytes, want %d", len(back), len(resp))
+	}
+	r := wait(t, done)
+	if r.up != int64(len("prerequest")) || r.down != int64(len(resp)) || r.reason != ReasonClosed {
+		t.Fatalf("relay = %+v, want up=10 down=%d reason=closed", r, len(resp))
+	}
+	if tr.Len() != 0 {
+		t.Fatalf("tracker still holds %d connections", tr.Len())
+	}
+}
+
+func TestRelayResetClosesBothSides(t *testing.T) {
+	tr := NewTracker(Config{})
+	app, server, c := setup(t, tr)
+	done := relay(c, nil)
+	server.SetLinger(0)
+	server.Close() // RST towards the proxy
+	app.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if _, err := io.ReadAll(app); err != nil && errors.Is(err, io.ErrUnexpectedEOF) {
+		t.Fatal(err)
+	}
+	r := wait(t, done)
+	if r.reason != ReasonReset && r.reason != ReasonClosed {
+		t.Fatalf("reason = %q", r.reason)
+	}
+}
+
+func TestIdleTimeoutClosesSilentTunnel(t *testing.T) {
+	tr := NewTracker(Config{IdleTimeout: 300 * time.Millisecond, Tick: 50 * time.Millisecond})
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	go tr.Run(ctx)
+	app, server, c := setup(t, tr)
+	done := relay(c, nil)
+
+	// Traffic keeps it alive past the idle timeout...
+	buf := make([]byte, 1)
+	for i := 0; i < 8; i++ {
+		app.Write([]byte("a"))
+		if _, err := io.ReadFull(server, buf); err != nil {
+			t.Fatalf("tunnel closed while active (round %d): %v", i, err)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	// ...silence closes it.
+	r := wait(t, done)
+	if r.reason != ReasonIdleTimeout {
+		t.Fatalf("reason = %q, want %q", r.reason, ReasonIdleTimeout)
+	}
+	if r.up != 8 {
+		t.Fatalf("up = %d, want 8", r.up)
+	}
+}
+
+func TestLimit(t *testing.T) {
+	tr := NewTracker(Config{MaxConns: 1})
+	a, _ := pair(t)
+	b, _ := pair(t)
+	c, err := tr.Add(a)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := tr.Add(b); !errors.Is(err, ErrLimit) {
+		t.Fatalf("second Add: %v, want ErrLimit", err)
+	}
+	c.Done()
+	c2, err := tr.Add(b)
+	if err != nil {
+		t.Fatalf("Add after Done: %v", err)
+	}
+	c2.Done()
+}
+
+func TestDrainWaitsThenCloses(t *testing.T) {
+	tr := NewTracker(Config{IdleTimeout: time.Hour, Tick: 20 * time.Millisecond})
+	app, server, c := setup(t, tr)
+	done := relay(c, nil)
+
+	ctx, cancel := context.WithTimeout(context.Background(), 500*time.Millisecond)
+	defer cancel()
+	drained := make(chan struct{})
+	go func() { tr.Drain(ctx); close(drained) }()
+
+	// While draining, the live tunnel keeps working and new connections are refused.
+	time.Sleep(50 * time.Millisecond)
+	app.Write([]byte("z"))
+	buf := make([]byte, 1)
+	server.SetReadDeadline(time.Now().Add(2 * time.Second))
+	if _, err := io.ReadFull(server, buf); err != nil {
+		t.Fatalf("tunnel broke during drain: %v", err)
+	}
+	x, _ := pair(t)
+	if _, err := tr.Add(x); !errors.Is(err, ErrDraining) {
+		t.Fatalf("Add while draining: %v, want ErrDraining", err)
+	}
+	select {
+	case <-drained:
+		t.Fatal("Drain returned before its budget with a live tunnel")
+	case <-time.After(200 * time.Millisecond):
+	}
+	r := wait(t, done)
+	<-drained
+	if r.reason != ReasonDrain {
+		t.Fatalf("reason = %q, want drain", r.reason)
+	}
+}
+
+func TestDrainClosesIdleEarly(t *testing.T) {
+	tr := NewTracker(Config{IdleTimeout: time.Hour, DrainIdleTimeout: 200 * time.Millisecond, Tick: 20 * time.Millisecond})
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	go tr.Run(ctx)
+	_, _, c := setup(t, tr)
+	done := relay(c, nil)
+	dctx, dcancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer dcancel()
+	start := time.Now()
+	tr.Drain(dctx)
+	if el := time.Since(start); el > 5*time.Second {
+		t.Fatalf("idle tunnel held drain for %v", el)
+	}
+	if r := wait(t, done); r.reason != ReasonDrain {
+		t.Fatalf("reason = %q, want drain", r.reason)
+	}
+}
