@@ -111,8 +111,11 @@ func ParseHTTPRequestHead(data []byte, maxHead int) (*HTTPRequest, error) {
 		}
 		if strings.EqualFold(string(name), "Host") {
 			v := string(value)
-			if hostSeen && !strings.EqualFold(v, host) {
-				return nil, errors.New("peek: conflicting Host headers")
+			if hostSeen {
+				if !strings.EqualFold(v, host) {
+					return nil, errors.New("peek: conflicting Host headers")
+				}
+				continue
 			}
 			host, hostSeen = v, true
 		}
