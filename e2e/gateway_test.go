@@ -1,0 +1,466 @@
+package e2e
+
+import (
+	"bufio"
+	"context"
+	"encoding/base64"
+	"fmt"
+	"io"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/egress-guard/egress-guard/e2e/netlab"
+)
+
+const gatewayPolicy = `
+identities:
+  "frontend-services":
+    api_keys: ["frontend-pod-1", "frontend-pod-2"]
+    allowed_destinations:
+      - "api.example.com"
+      - "*.cdn.example.com"
+      - "portonly.example.com:443"
+      - "v6only.example.com"
+      - "198.18.1.10:7"
+  "v6-team":
+    api_keys: ["v6-key"]
+    allowed_destinations:
+      - "v6only.example.com"
+      # The lab's IPv6 hosts are in fd00::/8, which is ULA (internal): a rule must name them.
+      - "fd00:18:1::/48"
+  "rollout":
+    mode: audit
+    api_keys: ["audit-key"]
+    allowed_destinations: ["api.example.com"]
+`
+
+type gateway struct {
+	lab     *netlab.Lab
+	proc    *netlab.Process
+	policy  string
+	port    int
+	metrics int
+}
+
+var gatewayPorts = struct {
+	next int
+}{next: 14750}
+
+// startGateway runs egress-guard (gateway mode) in the pod namespace with the policy and
+// extra environment, and waits until it is ready.
+func startGateway(t *testing.T, l *netlab.Lab, policy string, env ...string) *gateway {
+	t.Helper()
+	bin := binary(t, "./cmd/egress-guard")
+	path := filepath.Join(t.TempDir(), "egress-policy.yaml")
+	if err := os.WriteFile(path, []byte(policy), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	gatewayPorts.next += 2
+	g := &gateway{lab: l, policy: path, port: gatewayPorts.next, metrics: gatewayPorts.next + 1}
+	env = append([]string{
+		fmt.Sprintf("PROXY_PORT=%d", g.port), fmt.Sprintf("METRICS_PORT=%d", g.metrics),
+		"CONFIGMAP_PATH=" + path, "RESOLVER=" + netlab.DNSServer + ":53", "WATCH_INTERVAL=1",
+		"LOG_LEVEL=INFO", "PEEK_TIMEOUT=2s", "DIAL_TIMEOUT=3s",
+	}, env...)
+	p, err := netlab.Start(l.Pod, bin, env, 0, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	g.proc = p
+	t.Cleanup(func() {
+		p.Stop(10 * time.Second)
+		if t.Failed() {
+			t.Logf("proxy log tail:\n%s", p.Tail(30))
+		}
+	})
+	if err := netlab.WaitReady(context.Background(), l.Pod, fmt.Sprintf("http://127.0.0.1:%d/ready", g.metrics), p, 10*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	return g
+}
+
+// curl runs curl through the gateway inside the pod namespace; it returns curl's exit code,
+// the HTTP status it saw (of the response, or of CONNECT), and the body.
+func (g *gateway) curl(t *testing.T, user string, url string, extra ...string) (exit, code int, body string) {
+	t.Helper()
+	args := []string{"curl", "-sS", "--max-time", "8", "-x", fmt.Sprintf("http://127.0.0.1:%d", g.port),
+		"--cacert", g.lab.CAFile, "-o", "-", "-w", "\n%{http_code} %{http_connect}"}
+	if user != "" {
+		args = append(args, "-U", user+":anything")
+	}
+	args = append(args, extra...)
+	args = append(args, url)
+	cmd := g.lab.Pod.Command(context.Background(), args...)
+	out, err := cmd.CombinedOutput()
+	if ee, ok := err.(interface{ ExitCode() int }); ok {
+		exit = ee.ExitCode()
+	}
+	s := string(out)
+	i := strings.LastIndex(s, "\n")
+	var respCode, connectCode int
+	fmt.Sscanf(s[i+1:], "%d %d", &respCode, &connectCode)
+	code = respCode
+	if code == 0 {
+		code = connectCode
+	}
+	return exit, code, s[:max(i, 0)]
+}
+
+func (g *gateway) metric(t *testing.T, series string) float64 {
+	return metric(t, g.lab, g.metrics, series)
+}
+
+func (g *gateway) waitDecision(t *testing.T, match func(map[string]any) bool) map[string]any {
+	t.Helper()
+	r, err := g.proc.WaitRecord("decision", 5*time.Second, match)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return r
+}
+
+func (g *gateway) waitClose(t *testing.T, match func(map[string]any) bool) map[string]any {
+	t.Helper()
+	r, err := g.proc.WaitRecord("close", 5*time.Second, match)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return r
+}
+
+func field(k, v string) func(map[string]any) bool {
+	return func(m map[string]any) bool { return fmt.Sprint(m[k]) == v }
+}
+
+func fields(kv ...string) func(map[string]any) bool {
+	return func(m map[string]any) bool {
+		for i := 0; i+1 < len(kv); i += 2 {
+			if fmt.Sprint(m[kv[i]]) != kv[i+1] {
+				return false
+			}
+		}
+		return true
+	}
+}
+
+// forbiddenCounters installs DROP rules with packet counters in the pod namespace for the
+// internal ranges the tests' names resolve to; a proxy that tried to connect there would
+// show up in them.
+func forbiddenCounters(t *testing.T, l *netlab.Lab) func() string {
+	t.Helper()
+	ctx := context.Background()
+	for _, cidr := range []string{"169.254.0.0/16", "10.0.0.0/8"} {
+		if _, err := l.Pod.Run(ctx, "iptables", "-I", "OUTPUT", "-d", cidr, "-j", "DROP"); err != nil {
+			t.Fatal(err)
+		}
+		c := cidr
+		t.Cleanup(func() { l.Pod.Run(ctx, "iptables", "-D", "OUTPUT", "-d", c, "-j", "DROP") })
+	}
+	return func() string {
+		out, err := l.Pod.Run(ctx, "iptables", "-L", "OUTPUT", "-v", "-n", "-x")
+		if err != nil {
+			t.Fatal(err)
+		}
+		return out
+	}
+}
+
+func TestGateway(t *testing.T) {
+	l := sharedLab(t)
+	counters := forbiddenCounters(t, l)
+	g := startGateway(t, l, gatewayPolicy)
+
+	t.Run("original README curl line", func(t *testing.T) {
+		before := l.Accepted("198.18.1.10")
+		exit, code, body := g.curl(t, "frontend-pod-1", "https://api.example.com")
+		if exit != 0 || code != 200 || !strings.Contains(body, "hello from 198.18.1.10 (host api.example.com)") {
+			t.Fatalf("curl exit %d code %d body %q", exit, code, body)
+		}
+		if l.Accepted("198.18.1.10") <= before {
+			t.Fatal("the server saw no connection")
+		}
+		g.waitDecision(t, fields("identity", "frontend-services", "target", "api.example.com:443", "action", "allowed", "destination", "api.example.com", "sni", "api.example.com"))
+		c := g.waitClose(t, fields("identity", "frontend-services", "target", "api.example.com:443"))
+		if c["bytes_down"].(float64) <= 0 || c["bytes_up"].(float64) <= 0 || c["upstream"] == nil {
+			t.Fatalf("close line %v", c)
+		}
+		if v := g.metric(t, `egress_proxy_requests_total{destination="api.example.com",identity="frontend-services",status="allowed"}`); v < 1 {
+			t.Fatalf("allowed counter = %v", v)
+		}
+		for _, path := range []string{"/health", "/metrics"} {
+			if code, _, err := netlab.HTTPGet(context.Background(), l.Pod, fmt.Sprintf("http://127.0.0.1:%d%s", g.metrics, path)); code != 200 {
+				t.Fatalf("GET %s = %d %v", path, code, err)
+			}
+		}
+	})
+
+	t.Run("wildcard allows below the suffix, not the apex", func(t *testing.T) {
+		if _, code, body := g.curl(t, "frontend-pod-2", "https://a.cdn.example.com/"); code != 200 || !strings.Contains(body, "198.18.1.11") {
+			t.Fatalf("a.cdn.example.com: %d %q", code, body)
+		}
+		before := l.Accepted("198.18.1.12")
+		if _, code, _ := g.curl(t, "frontend-pod-2", "https://cdn.example.com/"); code != 403 {
+			t.Fatalf("cdn.example.com: %d, want 403", code)
+		}
+		if l.Accepted("198.18.1.12") != before {
+			t.Fatal("denied apex was connected to")
+		}
+	})
+
+	t.Run("denied host never connected", func(t *testing.T) {
+		before := l.Accepted("198.18.1.20")
+		if _, code, _ := g.curl(t, "frontend-pod-1", "https://evil.test/"); code != 403 {
+			t.Fatalf("evil.test: %d, want 403", code)
+		}
+		if l.Accepted("198.18.1.20") != before {
+			t.Fatal("denied destination was connected to")
+		}
+		g.waitDecision(t, fields("target", "evil.test:443", "action", "denied", "reason", "no_matching_rule"))
+		if v := g.metric(t, `egress_proxy_requests_total{destination="none",identity="frontend-services",status="denied"}`); v < 1 {
+			t.Fatalf("denied counter = %v", v)
+		}
+	})
+
+	t.Run("missing and unknown credentials", func(t *testing.T) {
+		out, _ := l.Pod.Run(context.Background(), "curl", "-sS", "-i", "--max-time", "5", "-x", fmt.Sprintf("http://127.0.0.1:%d", g.port), "http://api.example.com/")
+		if !strings.Contains(out, "407") || !strings.Contains(out, `Proxy-Authenticate: Basic realm="egress-guard"`) {
+			t.Fatalf("no credentials:\n%s", out)
+		}
+		if _, code, _ := g.curl(t, "not-a-key-x9z", "https://api.example.com/"); code != 407 {
+			t.Fatalf("unknown key: %d, want 407", code)
+		}
+		g.waitDecision(t, fields("identity", "unknown", "reason", "unknown_api_key", "status", "auth_required"))
+		for _, line := range g.proc.Lines() {
+			if strings.Contains(line, "not-a-key-x9z") {
+				t.Fatalf("an unknown API key was logged: %s", line)
+			}
+		}
+		if v := g.metric(t, `egress_proxy_requests_total{destination="none",identity="unknown",status="auth_required"}`); v < 1 {
+			t.Fatalf("auth_required counter = %v", v)
+		}
+	})
+
+	t.Run("names resolving to internal addresses are denied before any packet", func(t *testing.T) {
+		for _, name := range []string{"meta.cdn.example.com", "rfc1918.cdn.example.com"} {
+			if _, code, _ := g.curl(t, "frontend-pod-1", "https://"+name+"/"); code != 403 {
+				t.Fatalf("%s: %d, want 403", name, code)
+			}
+			g.waitDecision(t, fields("target", name+":443", "action", "denied", "reason", "internal_address", "destination", "*.cdn.example.com"))
+		}
+		if _, code, _ := g.curl(t, "frontend-pod-1", "http://meta.cdn.example.com/latest/meta-data/"); code != 403 {
+			t.Fatalf("plain HTTP to metadata: %d, want 403", code)
+		}
+		out := counters()
+		for _, cidr := range []string{"169.254.0.0/16", "10.0.0.0/8"} {
+			found := false
+			for _, line := range strings.Split(out, "\n") {
+				f := strings.Fields(line)
+				if len(f) >= 9 && f[2] == "DROP" && f[8] == cidr {
+					found = true
+					if f[0] != "0" {
+						t.Fatalf("%s packets were sent towards %s:\n%s", f[0], cidr, out)
+					}
+				}
+			}
+			if !found {
+				t.Fatalf("counter rule for %s missing:\n%s", cidr, out)
+			}
+		}
+	})
+
+	t.Run("SNI must match the CONNECT host", func(t *testing.T) {
+		apiBefore, evilBefore := l.Accepted("198.18.1.10"), l.Accepted("198.18.1.20")
+		exit, _, body := g.curl(t, "frontend-pod-1", "https://evil.test/", "--connect-to", "evil.test:443:api.example.com:443")
+		if exit == 0 {
+			t.Fatalf("mismatched SNI got through: %q", body)
+		}
+		if strings.Contains(body, "HTTP/1.1 403") {
+			t.Fatal("HTTP text was written into the TLS stream")
+		}
+		g.waitDecision(t, fields("target", "api.example.com:443", "sni", "evil.test", "action", "denied", "reason", "sni_mismatch"))
+		if l.Accepted("198.18.1.10") != apiBefore || l.Accepted("198.18.1.20") != evilBefore {
+			t.Fatal("an upstream was connected for a mismatched SNI")
+		}
+		if v := g.metric(t, `egress_proxy_requests_total{destination="api.example.com",identity="frontend-services",status="sni_mismatch"}`); v < 1 {
+			t.Fatalf("sni_mismatch counter = %v", v)
+		}
+	})
+
+	t.Run("plain HTTP forwarding", func(t *testing.T) {
+		if _, code, body := g.curl(t, "frontend-pod-1", "http://api.example.com/x"); code != 200 || !strings.Contains(body, "hello from 198.18.1.10 (host api.example.com)") {
+			t.Fatalf("plain HTTP: %d %q", code, body)
+		}
+		g.waitClose(t, fields("method", "GET", "target", "api.example.com:80", "reason", "closed"))
+		if _, code, _ := g.curl(t, "frontend-pod-1", "http://evil.test/"); code != 403 {
+			t.Fatalf("plain HTTP denied host: %d", code)
+		}
+	})
+
+	t.Run("port restriction", func(t *testing.T) {
+		if _, code, _ := g.curl(t, "frontend-pod-1", "https://portonly.example.com/"); code != 200 {
+			t.Fatalf("portonly:443: %d", code)
+		}
+		if _, code, _ := g.curl(t, "frontend-pod-1", "https://portonly.example.com:8443/"); code != 403 {
+			t.Fatalf("portonly:8443: %d, want 403", code)
+		}
+	})
+
+	t.Run("audit mode allows and records", func(t *testing.T) {
+		if _, code, body := g.curl(t, "audit-key", "https://a.cdn.example.com/"); code != 200 || !strings.Contains(body, "198.18.1.11") {
+			t.Fatalf("audit: %d %q", code, body)
+		}
+		g.waitDecision(t, fields("identity", "rollout", "target", "a.cdn.example.com:443", "action", "audit", "reason", "no_matching_rule"))
+		if v := g.metric(t, `egress_proxy_audit_would_deny_total{identity="rollout",reason="no_matching_rule"}`); v < 1 {
+			t.Fatalf("audit counter = %v", v)
+		}
+		// Audit never opens internal addresses.
+		if _, code, _ := g.curl(t, "audit-key", "https://meta.cdn.example.com/"); code != 403 {
+			t.Fatalf("audit to metadata: %d, want 403", code)
+		}
+	})
+
+	t.Run("IPv6 destination", func(t *testing.T) {
+		// frontend-services allows the name but no rule names its ULA address.
+		if _, code, _ := g.curl(t, "frontend-pod-1", "https://v6only.example.com/"); code != 403 {
+			t.Fatalf("v6only without a rule naming fd00::/8: %d, want 403", code)
+		}
+		g.waitDecision(t, fields("identity", "frontend-services", "target", "v6only.example.com:443", "reason", "internal_address"))
+		if _, code, body := g.curl(t, "v6-key", "https://v6only.example.com/"); code != 200 || !strings.Contains(body, "fd00:18:1::14") {
+			t.Fatalf("v6only: %d %q", code, body)
+		}
+		g.waitClose(t, fields("identity", "v6-team", "target", "v6only.example.com:443", "upstream", "[fd00:18:1::14]:443"))
+	})
+
+	t.Run("malformed requests get a status and the proxy keeps serving", func(t *testing.T) {
+		for _, tc := range []struct {
+			raw  string
+			want string
+		}{
+			{"GARBAGE\r\n\r\n", "400"},
+			{"CONNECT api.example.com HTTP/1.1\r\nHost: x\r\n\r\n", "400"},
+			{"GET http://api.example.com/ HTTP/1.1\r\nX: " + strings.Repeat("a", 40000) + "\r\n\r\n", "431"},
+		} {
+			c, err := l.Pod.Dial("tcp", fmt.Sprintf("127.0.0.1:%d", g.port), 2*time.Second)
+			if err != nil {
+				t.Fatal(err)
+			}
+			c.SetDeadline(time.Now().Add(5 * time.Second))
+			io.WriteString(c, tc.raw)
+			line, _ := bufio.NewReader(c).ReadString('\n')
+			c.Close()
+			if !strings.Contains(line, " "+tc.want+" ") {
+				t.Fatalf("%.30q: status line %q, want %s", tc.raw, line, tc.want)
+			}
+		}
+		if _, code, _ := g.curl(t, "frontend-pod-1", "https://api.example.com/"); code != 200 {
+			t.Fatalf("after malformed input: %d", code)
+		}
+	})
+}
+
+func TestGatewayReloadKeepsLastGoodPolicy(t *testing.T) {
+	l := sharedLab(t)
+	g := startGateway(t, l, gatewayPolicy)
+	errors0 := g.metric(t, "egress_proxy_config_load_errors_total")
+	reloads0 := g.metric(t, "egress_proxy_config_reloads_total")
+
+	bad := strings.Replace(gatewayPolicy, `"*.cdn.example.com"`, `"*"`, 1)
+	if err := os.WriteFile(g.policy, []byte(bad), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	waitMetric(t, l, g.metrics, "egress_proxy_config_load_errors_total", errors0+1)
+	if _, err := g.proc.WaitRecord("policy rejected; keeping the last good policy", 5*time.Second, func(m map[string]any) bool {
+		return strings.Contains(fmt.Sprint(m["err"]), "egress-policy.yaml:7:") && strings.Contains(fmt.Sprint(m["err"]), "bare wildcard")
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if _, code, _ := g.curl(t, "frontend-pod-1", "https://api.example.com/"); code != 200 {
+		t.Fatalf("old policy not kept: %d", code)
+	}
+	if v := g.metric(t, "egress_proxy_config_last_reload_successful"); v != 0 {
+		t.Fatalf("last_reload_successful = %v after a bad file", v)
+	}
+
+	good := strings.Replace(gatewayPolicy, `- "api.example.com"`, `- "portonly.example.com"`, 1)
+	if err := os.WriteFile(g.policy, []byte(good), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	waitMetric(t, l, g.metrics, "egress_proxy_config_reloads_total", reloads0+1)
+	if _, code, _ := g.curl(t, "frontend-pod-1", "https://api.example.com/"); code != 403 {
+		t.Fatalf("new policy not active: %d, want 403", code)
+	}
+}
+
+func TestGatewayDrainWithLiveTunnel(t *testing.T) {
+	l := sharedLab(t)
+	g := startGateway(t, l, gatewayPolicy, "DRAIN_TIMEOUT=3s", "DRAIN_IDLE_TIMEOUT=30s")
+
+	c, err := l.Pod.Dial("tcp", fmt.Sprintf("127.0.0.1:%d", g.port), 2*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(20 * time.Second))
+	fmt.Fprintf(c, "CONNECT 198.18.1.10:7 HTTP/1.1\r\nHost: 198.18.1.10:7\r\nProxy-Authorization: Basic %s\r\n\r\n", basicAuth("frontend-pod-1"))
+	br := bufio.NewReader(c)
+	resp, err := http.ReadResponse(br, nil)
+	if err != nil || resp.StatusCode != 200 {
+		t.Fatalf("CONNECT: %v %v", resp, err)
+	}
+	echo := func() error {
+		if _, err := io.WriteString(c, "x"); err != nil {
+			return err
+		}
+		b := make([]byte, 1)
+		_, err := io.ReadFull(br, b)
+		return err
+	}
+	if err := echo(); err != nil {
+		t.Fatal(err)
+	}
+
+	start := time.Now()
+	if err := g.proc.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	// Not ready at once; new connections refused; the live tunnel still works.
+	deadline := time.Now().Add(2 * time.Second)
+	for {
+		code, _, _ := netlab.HTTPGet(context.Background(), l.Pod, fmt.Sprintf("http://127.0.0.1:%d/ready", g.metrics))
+		if code == 503 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("/ready = %d while draining, want 503", code)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	if _, err := l.Pod.Dial("tcp", fmt.Sprintf("127.0.0.1:%d", g.port), time.Second); err == nil {
+		t.Fatal("new connection accepted while draining")
+	}
+	if err := echo(); err != nil {
+		t.Fatalf("live tunnel broken during drain: %v", err)
+	}
+	// At the drain budget the tunnel is closed and the process exits 0.
+	b := make([]byte, 1)
+	if _, err := br.Read(b); err == nil {
+		t.Fatal("tunnel still open after the drain budget")
+	}
+	if el := time.Since(start); el < 2*time.Second || el > 8*time.Second {
+		t.Fatalf("tunnel closed after %v, want about DRAIN_TIMEOUT=3s", el)
+	}
+	exited, err := g.proc.Wait(5 * time.Second)
+	if !exited || err != nil {
+		t.Fatalf("exit after drain: exited=%v err=%v", exited, err)
+	}
+	g.waitClose(t, fields("target", "198.18.1.10:7", "reason", "drain"))
+}
+
+func basicAuth(key string) string {
+	return base64.StdEncoding.EncodeToString([]byte(key + ":anything"))
+}

@@ -1,0 +1,143 @@
+// Package e2e runs egress-guard for real: the built binaries in network namespaces, with
+// dnsmasq for DNS, TLS and HTTP servers on test addresses, iptables, and curl as the client.
+// The tests need root; they skip with the reason when they cannot run, except under CI=true,
+// where not running is a failure.
+package e2e
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/egress-guard/egress-guard/e2e/netlab"
+)
+
+var (
+	binDir   string
+	buildMu  sync.Mutex
+	binaries = map[string]string{}
+)
+
+func TestMain(m *testing.M) {
+	dir, err := os.MkdirTemp("", "egress-guard-e2e-bin-")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	binDir = dir
+	code := m.Run()
+	labMu.Lock()
+	if lab != nil {
+		lab.Down()
+	}
+	labMu.Unlock()
+	os.RemoveAll(dir)
+	os.Exit(code)
+}
+
+// require skips (or, under CI, fails) when the machine cannot run the lab.
+func require(t *testing.T, commands ...string) {
+	t.Helper()
+	if err := netlab.Require(commands...); err != nil {
+		if os.Getenv("CI") == "true" {
+			t.Fatalf("e2e cannot run: %v (CI must run the e2e tests)", err)
+		}
+		t.Skipf("e2e skipped: %v", err)
+	}
+}
+
+// binary builds a command of this module once per test run.
+func binary(t *testing.T, pkg string) string {
+	t.Helper()
+	buildMu.Lock()
+	defer buildMu.Unlock()
+	if b, ok := binaries[pkg]; ok {
+		return b
+	}
+	root, _ := filepath.Abs("..")
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+	b, err := netlab.Build(ctx, root, pkg, binDir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	binaries[pkg] = b
+	return b
+}
+
+// The lab's hosts: every name the tests use and where it lives.
+var hosts = []netlab.Host{
+	{Names: []string{"api.example.com"}, V4: "198.18.1.10", V6: "fd00:18:1::10"},
+	{Names: []string{"a.cdn.example.com"}, V4: "198.18.1.11"},
+	{Names: []string{"cdn.example.com"}, V4: "198.18.1.12"},
+	{Names: []string{"portonly.example.com"}, V4: "198.18.1.13"},
+	{Names: []string{"v6only.example.com"}, V6: "fd00:18:1::14"},
+	{Names: []string{"evil.test"}, V4: "198.18.1.20"},
+	{Names: []string{"smtp.example.com"}, V4: "198.18.1.25"},
+}
+
+// Names that resolve to internal addresses nothing in the lab listens on.
+var internalRecords = map[string][]string{
+	"meta.cdn.example.com":    {"169.254.169.254"},
+	"rfc1918.cdn.example.com": {"10.1.2.3"},
+}
+
+var (
+	labMu sync.Mutex
+	lab   *netlab.Lab
+)
+
+// sharedLab brings the lab up once for all tests (about a second of setup).
+func sharedLab(t *testing.T) *netlab.Lab {
+	t.Helper()
+	require(t, "curl", "iptables")
+	labMu.Lock()
+	defer labMu.Unlock()
+	if lab == nil {
+		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+		defer cancel()
+		l, err := netlab.Up(ctx, fmt.Sprintf("eg%d", os.Getpid()%100000), hosts, internalRecords)
+		if err != nil {
+			t.Fatal(err)
+		}
+		lab = l
+	}
+	return lab
+}
+
+// metric returns the value of the sample whose line starts with series (name{labels}), or 0.
+func metric(t *testing.T, l *netlab.Lab, port int, series string) float64 {
+	t.Helper()
+	code, body, err := netlab.HTTPGet(context.Background(), l.Pod, fmt.Sprintf("http://127.0.0.1:%d/metrics", port))
+	if err != nil || code != 200 {
+		t.Fatalf("GET /metrics: %d %v", code, err)
+	}
+	for _, line := range strings.Split(body, "\n") {
+		if strings.HasPrefix(line, series+" ") {
+			var v float64
+			fmt.Sscanf(line[len(series)+1:], "%g", &v)
+			return v
+		}
+	}
+	return 0
+}
+
+func waitMetric(t *testing.T, l *netlab.Lab, port int, series string, want float64) {
+	t.Helper()
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		got := metric(t, l, port, series)
+		if got >= want {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s = %v, want >= %v", series, got, want)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}

@@ -1,0 +1,176 @@
+package netlab
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+)
+
+// Build compiles a command of this module (for example "./cmd/egress-guard") into dir.
+func Build(ctx context.Context, repoRoot, pkg, dir string) (string, error) {
+	out := filepath.Join(dir, filepath.Base(pkg))
+	cmd := exec.CommandContext(ctx, "go", "build", "-o", out, pkg)
+	cmd.Dir = repoRoot
+	if b, err := cmd.CombinedOutput(); err != nil {
+		return "", fmt.Errorf("go build %s: %v: %s", pkg, err, b)
+	}
+	return out, nil
+}
+
+// Process is a program running in a namespace whose JSON log lines are kept.
+type Process struct {
+	cmd  *exec.Cmd
+	done chan struct{}
+	err  error
+
+	mu    sync.Mutex
+	lines []string
+}
+
+// Start runs bin in ns with env, as uid/gid when uid > 0.
+func Start(ns *NS, bin string, env []string, uid, gid uint32) (*Process, error) {
+	cmd := exec.Command("ip", "netns", "exec", ns.Name, bin)
+	cmd.Env = append(os.Environ(), env...)
+	if uid > 0 {
+		cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: uid, Gid: gid}}
+	}
+	pr, pw := io.Pipe()
+	cmd.Stdout, cmd.Stderr = pw, pw
+	p := &Process{cmd: cmd, done: make(chan struct{})}
+	if err := cmd.Start(); err != nil {
+		return nil, fmt.Errorf("start %s: %w", bin, err)
+	}
+	go func() {
+		sc := bufio.NewScanner(pr)
+		sc.Buffer(make([]byte, 64<<10), 1<<20)
+		for sc.Scan() {
+			p.mu.Lock()
+			p.lines = append(p.lines, sc.Text())
+			p.mu.Unlock()
+		}
+	}()
+	go func() {
+		p.err = cmd.Wait()
+		pw.Close()
+		close(p.done)
+	}()
+	return p, nil
+}
+
+// Lines returns the output lines so far.
+func (p *Process) Lines() []string {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return append([]string(nil), p.lines...)
+}
+
+// Records returns the JSON log lines whose "msg" is msg, decoded.
+func (p *Process) Records(msg string) []map[string]any {
+	var out []map[string]any
+	for _, l := range p.Lines() {
+		var m map[string]any
+		if json.Unmarshal([]byte(l), &m) == nil && m["msg"] == msg {
+			out = append(out, m)
+		}
+	}
+	return out
+}
+
+// WaitRecord waits until a JSON line with msg satisfies match, and returns it.
+func (p *Process) WaitRecord(msg string, timeout time.Duration, match func(map[string]any) bool) (map[string]any, error) {
+	deadline := time.Now().Add(timeout)
+	for {
+		for _, r := range p.Records(msg) {
+			if match(r) {
+				return r, nil
+			}
+		}
+		if time.Now().After(deadline) {
+			return nil, fmt.Errorf("no %q line matched within %v; last lines:\n%s", msg, timeout, p.Tail(15))
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// Tail returns the last n output lines.
+func (p *Process) Tail(n int) string {
+	l := p.Lines()
+	if len(l) > n {
+		l = l[len(l)-n:]
+	}
+	return strings.Join(l, "\n")
+}
+
+// Signal sends sig to the program (through ip netns exec, which execs it).
+func (p *Process) Signal(sig os.Signal) error { return p.cmd.Process.Signal(sig) }
+
+// Wait waits up to timeout for the program to exit and returns its exit error.
+func (p *Process) Wait(timeout time.Duration) (exited bool, err error) {
+	select {
+	case <-p.done:
+		return true, p.err
+	case <-time.After(timeout):
+		return false, nil
+	}
+}
+
+// Stop sends SIGTERM, then SIGKILL after timeout.
+func (p *Process) Stop(timeout time.Duration) {
+	p.Signal(syscall.SIGTERM)
+	if exited, _ := p.Wait(timeout); !exited {
+		p.cmd.Process.Kill()
+		<-p.done
+	}
+}
+
+// Exited reports whether the program has exited.
+func (p *Process) Exited() bool {
+	select {
+	case <-p.done:
+		return true
+	default:
+		return false
+	}
+}
+
+// HTTPGet fetches url from inside ns with curl and returns the status code and body.
+func HTTPGet(ctx context.Context, ns *NS, url string) (int, string, error) {
+	out, err := ns.Run(ctx, "curl", "-sS", "--max-time", "5", "-o", "-", "-w", "\n%{http_code}", url)
+	if err != nil && !strings.Contains(out, "\n") {
+		return 0, out, err
+	}
+	i := strings.LastIndex(out, "\n")
+	var code int
+	fmt.Sscanf(out[i+1:], "%d", &code)
+	return code, out[:i], nil
+}
+
+// WaitReady polls url from inside ns until it answers 200.
+func WaitReady(ctx context.Context, ns *NS, url string, p *Process, timeout time.Duration) error {
+	deadline := time.Now().Add(timeout)
+	for {
+		if code, _, _ := HTTPGet(ctx, ns, url); code == 200 {
+			return nil
+		}
+		if p != nil && p.Exited() {
+			return fmt.Errorf("process exited before ready:\n%s", p.Tail(20))
+		}
+		if time.Now().After(deadline) {
+			tail := ""
+			if p != nil {
+				tail = p.Tail(20)
+			}
+			return fmt.Errorf("%s not ready within %v:\n%s", url, timeout, tail)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
