@@ -27,7 +27,11 @@ import (
 // closes the rest, and returns once every connection's close line is written. Logs are JSON
 // lines on out.
 func Run(ctx context.Context, cfg Config, out io.Writer) error {
-	log := slog.New(slog.NewJSONHandler(out, &slog.HandlerOptions{Level: cfg.LogLevel}))
+	// Lines are batched (flushed every 100ms and at exit) so that logging a connection does
+	// not add write(2) calls to its path.
+	logOut := accesslog.NewBufferedWriter(out, 64<<10, 100*time.Millisecond)
+	defer logOut.Close()
+	log := slog.New(slog.NewJSONHandler(logOut, &slog.HandlerOptions{Level: cfg.LogLevel}))
 	m := metrics.New()
 
 	watcher := policy.NewWatcher(cfg.PolicyPath, cfg.WatchInterval,
@@ -72,7 +76,8 @@ func Run(ctx context.Context, cfg Config, out io.Writer) error {
 	if cfg.Mode == ModeSidecar && proxyAddr == "" {
 		proxyAddr = "127.0.0.1" // the explicit port serves this pod's own apps only
 	}
-	proxyLn, err := net.Listen("tcp", net.JoinHostPort(proxyAddr, strconv.Itoa(int(cfg.ProxyPort))))
+	lc := net.ListenConfig{KeepAlive: -1}
+	proxyLn, err := lc.Listen(context.Background(), "tcp", net.JoinHostPort(proxyAddr, strconv.Itoa(int(cfg.ProxyPort))))
 	if err != nil {
 		return fmt.Errorf("proxy listener: %w", err)
 	}
@@ -83,7 +88,7 @@ func Run(ctx context.Context, cfg Config, out io.Writer) error {
 	}
 	var transparentLns []net.Listener
 	if cfg.Mode == ModeSidecar {
-		transparentLns, err = listenTransparent(log, cfg.TransparentPort)
+		transparentLns, err = listenTransparent(lc, log, cfg.TransparentPort)
 		if err != nil {
 			proxyLn.Close()
 			adminLn.Close()
@@ -195,14 +200,14 @@ func identityFor(cfg Config) string {
 // listenTransparent listens where the capture rules' REDIRECT sends locally generated
 // traffic: 127.0.0.1 for IPv4 and ::1 for IPv6. A pod without IPv6 has no ::1; the capture
 // installer refuses pods whose IPv6 it cannot capture, so only IPv4 is required here.
-func listenTransparent(log *slog.Logger, port uint16) ([]net.Listener, error) {
+func listenTransparent(lc net.ListenConfig, log *slog.Logger, port uint16) ([]net.Listener, error) {
 	p := strconv.Itoa(int(port))
-	v4, err := net.Listen("tcp4", net.JoinHostPort("127.0.0.1", p))
+	v4, err := lc.Listen(context.Background(), "tcp4", net.JoinHostPort("127.0.0.1", p))
 	if err != nil {
 		return nil, fmt.Errorf("transparent listener: %w", err)
 	}
 	lns := []net.Listener{v4}
-	if v6, err := net.Listen("tcp6", net.JoinHostPort("::1", p)); err == nil {
+	if v6, err := lc.Listen(context.Background(), "tcp6", net.JoinHostPort("::1", p)); err == nil {
 		lns = append(lns, v6)
 	} else {
 		log.Warn("no IPv6 transparent listener", "err", err.Error())

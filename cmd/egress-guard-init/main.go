@@ -1,0 +1,11 @@
+// Command egress-guard-init installs the pod's capture rules (the init container). See
+// init-container/cli for the flags.
+package main
+
+import (
+	"os"
+
+	"github.com/egress-guard/egress-guard/init-container/cli"
+)
+
+func main() { os.Exit(cli.Main(os.Args[1:], os.Stdout, os.Stderr)) }
