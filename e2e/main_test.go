@@ -29,6 +29,8 @@ func TestMain(m *testing.M) {
 		fmt.Fprintln(os.Stderr, err)
 		os.Exit(1)
 	}
+	// Binaries run as unprivileged users too (the sidecar, the self-test's probe client).
+	os.Chmod(dir, 0o755)
 	binDir = dir
 	code := m.Run()
 	labMu.Lock()

@@ -110,6 +110,13 @@ func (n *NS) Listen(network, addr string) (net.Listener, error) {
 	return ln, err
 }
 
+// ListenPacket opens a datagram socket on addr inside the namespace.
+func (n *NS) ListenPacket(network, addr string) (net.PacketConn, error) {
+	var pc net.PacketConn
+	err := n.Do(func() (err error) { pc, err = net.ListenPacket(network, addr); return })
+	return pc, err
+}
+
 // Dial connects from inside the namespace.
 func (n *NS) Dial(network, addr string, timeout time.Duration) (net.Conn, error) {
 	var c net.Conn
@@ -136,6 +143,7 @@ func Up(ctx context.Context, prefix string, hosts []Host, records map[string][]s
 	if err != nil {
 		return nil, err
 	}
+	os.Chmod(dir, 0o755) // apps in the lab run as ordinary users and read the CA file
 	lab := &Lab{Pod: &NS{prefix + "-pod"}, Net: &NS{prefix + "-net"}, Dir: dir, accepted: map[string]*atomic.Int64{}}
 	defer func() {
 		if err != nil {

@@ -36,13 +36,16 @@ type Process struct {
 	lines []string
 }
 
-// Start runs bin in ns with env, as uid/gid when uid > 0.
+// Start runs bin in ns with env, as uid/gid when uid > 0. ip netns exec needs root, so the
+// switch of user happens inside it, with setpriv (each step execs the next: the process
+// keeps one PID, and signals reach the program).
 func Start(ns *NS, bin string, env []string, uid, gid uint32) (*Process, error) {
-	cmd := exec.Command("ip", "netns", "exec", ns.Name, bin)
-	cmd.Env = append(os.Environ(), env...)
+	args := []string{"netns", "exec", ns.Name}
 	if uid > 0 {
-		cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: uid, Gid: gid}}
+		args = append(args, "setpriv", "--reuid", fmt.Sprint(uid), "--regid", fmt.Sprint(gid), "--clear-groups", "--")
 	}
+	cmd := exec.Command("ip", append(args, bin)...)
+	cmd.Env = append(os.Environ(), env...)
 	pr, pw := io.Pipe()
 	cmd.Stdout, cmd.Stderr = pw, pw
 	p := &Process{cmd: cmd, done: make(chan struct{})}

@@ -2,6 +2,7 @@ package capture
 
 import (
 	"fmt"
+	"os"
 	"os/exec"
 	"slices"
 	"strings"
@@ -37,6 +38,11 @@ func DetectBackend(run func(name string, args ...string) (string, error)) (Backe
 	counts := map[Backend]int{}
 	var seen []Backend
 	for _, b := range []Backend{BackendLegacy, BackendNFT} {
+		if b == BackendLegacy && !legacyNatLoaded() {
+			// Reading the legacy nat table would create it; its absence already says it
+			// holds no rules.
+			continue
+		}
 		_, save := b.commands(IPv4)
 		out, err := run(save, "-t", "nat")
 		if err != nil {
@@ -74,6 +80,16 @@ func DetectBackend(run func(name string, args ...string) (string, error)) (Backe
 		return BackendNFT, "nat tables empty; iptables is the nf_tables variant", nil
 	}
 	return BackendLegacy, "nat tables empty; iptables is the legacy variant", nil
+}
+
+// legacyNatLoaded reports whether this namespace has a legacy (x_tables) nat table. The
+// kernel lists the tables that exist; a missing file means no legacy tables at all.
+func legacyNatLoaded() bool {
+	b, err := os.ReadFile("/proc/net/ip_tables_names")
+	if err != nil {
+		return false
+	}
+	return slices.Contains(strings.Fields(string(b)), "nat")
 }
 
 // Installer applies plans with one backend.

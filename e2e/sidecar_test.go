@@ -1,0 +1,368 @@
+package e2e
+
+import (
+	"bufio"
+	"context"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/egress-guard/egress-guard/e2e/netlab"
+)
+
+const (
+	proxyUID = 15337
+	appUID   = 1000
+)
+
+const sidecarPolicy = `
+identities:
+  "shop":
+    api_keys: ["unused"]
+    allowed_destinations:
+      - "api.example.com"
+      - "*.cdn.example.com"
+      - "smtp.example.com:25"
+      - "198.18.1.10:7"
+      - "v6only.example.com"
+      # The lab's IPv6 hosts are ULA (internal): a rule must name them.
+      - "fd00:18:1::/48"
+`
+
+// pod is the pod namespace with capture rules installed and the sidecar running as proxyUID.
+type pod struct {
+	lab  *netlab.Lab
+	side *netlab.Process
+	init string // egress-guard-init binary
+}
+
+// startPod brings up its own lab (capture rules would redirect the gateway tests' curl) with
+// the init program applied and the sidecar running.
+func startPod(t *testing.T) *pod {
+	t.Helper()
+	require(t, "curl", "iptables", "ip6tables", "setpriv")
+	ctx := context.Background()
+	l, err := netlab.Up(ctx, fmt.Sprintf("es%d", os.Getpid()%100000), hosts, internalRecords)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(l.Down)
+	// Apps in the pod resolve through the lab's DNS server, as a pod uses the cluster's.
+	resolv := filepath.Join("/etc/netns", l.Pod.Name)
+	if err := os.MkdirAll(resolv, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(resolv) })
+	if err := os.WriteFile(filepath.Join(resolv, "resolv.conf"), []byte("nameserver "+netlab.DNSServer+"\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+
+	p := &pod{lab: l, init: binary(t, "./cmd/egress-guard-init")}
+	if out, err := l.Pod.Run(ctx, p.init, "--proxy-uid", fmt.Sprint(proxyUID), "--proxy-gid", fmt.Sprint(proxyUID), "--redirect-port", "15001"); err != nil {
+		t.Fatalf("egress-guard-init: %v\n%s", err, out)
+	}
+
+	// The sidecar runs as proxyUID and must read the policy (t.TempDir's parent is 0700).
+	dir, err := os.MkdirTemp("", "egress-guard-sidecar-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	os.Chmod(dir, 0o755)
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	policy := filepath.Join(dir, "policy.yaml")
+	if err := os.WriteFile(policy, []byte(sidecarPolicy), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	side, err := netlab.Start(l.Pod, binary(t, "./cmd/egress-guard"), []string{
+		"MODE=sidecar", "IDENTITY=shop", "CONFIGMAP_PATH=" + policy, "RESOLVER=" + netlab.DNSServer + ":53",
+		"LOG_LEVEL=INFO", "DIAL_TIMEOUT=3s", "WATCH_INTERVAL=1",
+	}, proxyUID, proxyUID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	p.side = side
+	t.Cleanup(func() {
+		side.Stop(10 * time.Second)
+		if t.Failed() {
+			t.Logf("sidecar log tail:\n%s", side.Tail(30))
+		}
+	})
+	if err := netlab.WaitReady(ctx, l.Pod, "http://127.0.0.1:15090/ready", side, 10*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+// app runs curl in the pod as an ordinary user with no proxy settings.
+func (p *pod) app(t *testing.T, uid int, extra ...string) (exit int, body string) {
+	t.Helper()
+	args := []string{"setpriv", "--reuid", fmt.Sprint(uid), "--regid", fmt.Sprint(uid), "--clear-groups",
+		"--inh-caps=-all", "--bounding-set=-all", "--",
+		"curl", "-sS", "--max-time", "6", "--cacert", p.lab.CAFile}
+	if !slices.Contains(extra, "-x") {
+		args = append(args, "--noproxy", "*") // no proxy settings: capture does the work
+	}
+	out, err := p.lab.Pod.Command(context.Background(), append(args, extra...)...).CombinedOutput()
+	if ee, ok := err.(interface{ ExitCode() int }); ok {
+		exit = ee.ExitCode()
+	}
+	return exit, string(out)
+}
+
+func (p *pod) decision(t *testing.T, match func(map[string]any) bool) map[string]any {
+	t.Helper()
+	r, err := p.side.WaitRecord("decision", 5*time.Second, match)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return r
+}
+
+func (p *pod) closeLine(t *testing.T, match func(map[string]any) bool) map[string]any {
+	t.Helper()
+	r, err := p.side.WaitRecord("close", 5*time.Second, match)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return r
+}
+
+func TestSidecarTransparent(t *testing.T) {
+	p := startPod(t)
+	l := p.lab
+	ctx := context.Background()
+
+	t.Run("init run twice gives identical rules", func(t *testing.T) {
+		save := func() string {
+			v4, err := l.Pod.Run(ctx, "iptables-save")
+			if err != nil {
+				t.Fatal(err)
+			}
+			v6, err := l.Pod.Run(ctx, "ip6tables-save")
+			if err != nil {
+				t.Fatal(err)
+			}
+			var keep []string
+			for _, line := range strings.Split(v4+v6, "\n") {
+				if !strings.HasPrefix(line, "#") {
+					keep = append(keep, line)
+				}
+			}
+			return strings.Join(keep, "\n")
+		}
+		before := save()
+		if !strings.Contains(before, "-A EGRESS_GUARD_OUTPUT -p tcp -j REDIRECT --to-ports 15001") {
+			t.Fatalf("rules not installed:\n%s", before)
+		}
+		out, err := l.Pod.Run(ctx, p.init, "--proxy-uid", fmt.Sprint(proxyUID), "--proxy-gid", fmt.Sprint(proxyUID), "--redirect-port", "15001", "--self-test=false")
+		if err != nil || !strings.Contains(out, "already in place") {
+			t.Fatalf("second run: %v\n%s", err, out)
+		}
+		if after := save(); after != before {
+			t.Fatalf("second run changed the rules:\nbefore:\n%s\nafter:\n%s", before, after)
+		}
+	})
+
+	t.Run("allowed HTTPS without proxy settings", func(t *testing.T) {
+		exit, body := p.app(t, appUID, "-4", "https://api.example.com/")
+		if exit != 0 || !strings.Contains(body, "hello from 198.18.1.10 (host api.example.com)") {
+			t.Fatalf("exit %d: %s", exit, body)
+		}
+		p.decision(t, fields("listener", "transparent", "identity", "shop", "target", "api.example.com:443", "sni", "api.example.com", "action", "allowed", "method", "tls"))
+		c := p.closeLine(t, fields("listener", "transparent", "target", "api.example.com:443"))
+		if c["bytes_down"].(float64) <= 0 || c["upstream"] != "198.18.1.10:443" {
+			t.Fatalf("close line %v", c)
+		}
+	})
+
+	t.Run("denied HTTPS is reset before any connection", func(t *testing.T) {
+		before := l.Accepted("198.18.1.20")
+		exit, body := p.app(t, appUID, "https://evil.test/")
+		if exit == 0 {
+			t.Fatalf("denied destination answered: %s", body)
+		}
+		if l.Accepted("198.18.1.20") != before {
+			t.Fatal("evil.test was connected to")
+		}
+		p.decision(t, fields("listener", "transparent", "target", "evil.test:443", "action", "denied", "reason", "no_matching_rule"))
+	})
+
+	t.Run("plain HTTP decided by Host", func(t *testing.T) {
+		exit, body := p.app(t, appUID, "http://a.cdn.example.com/")
+		if exit != 0 || !strings.Contains(body, "hello from 198.18.1.11") {
+			t.Fatalf("exit %d: %s", exit, body)
+		}
+		p.decision(t, fields("target", "a.cdn.example.com:80", "method", "http", "destination", "*.cdn.example.com"))
+	})
+
+	t.Run("spoofed SNI reaches only the named host", func(t *testing.T) {
+		// The app connects to evil.test's address while claiming api.example.com: the proxy
+		// resolves the claimed name itself and dials its address, never the app's.
+		evil := l.Accepted("198.18.1.20")
+		exit, body := p.app(t, appUID, "--resolve", "api.example.com:443:198.18.1.20", "https://api.example.com/")
+		if exit != 0 || !strings.Contains(body, "hello from 198.18.1.10") {
+			t.Fatalf("exit %d: %s", exit, body)
+		}
+		if l.Accepted("198.18.1.20") != evil {
+			t.Fatal("the app-chosen address was dialed")
+		}
+		p.closeLine(t, fields("target", "api.example.com:443", "upstream", "198.18.1.10:443"))
+	})
+
+	t.Run("Host spoofing over plain HTTP", func(t *testing.T) {
+		evil := l.Accepted("198.18.1.20")
+		exit, body := p.app(t, appUID, "--resolve", "api.example.com:80:198.18.1.20", "http://api.example.com/")
+		if exit != 0 || !strings.Contains(body, "hello from 198.18.1.10") || l.Accepted("198.18.1.20") != evil {
+			t.Fatalf("exit %d: %s", exit, body)
+		}
+	})
+
+	t.Run("QUIC and other UDP are dropped", func(t *testing.T) {
+		// A QUIC client's first datagram to port 443 must not leave the pod (Debian's curl
+		// has no HTTP/3, so the datagram is sent directly).
+		udp, err := l.Net.ListenPacket("udp", "198.18.1.10:443")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer udp.Close()
+		c, err := l.Pod.Dial("udp", "198.18.1.10:443", time.Second)
+		if err != nil {
+			t.Fatal(err)
+		}
+		c.Write([]byte("quic?"))
+		c.Close()
+		udp.SetReadDeadline(time.Now().Add(500 * time.Millisecond))
+		if n, _, err := udp.ReadFrom(make([]byte, 64)); err == nil {
+			t.Fatalf("UDP datagram of %d bytes left the pod", n)
+		}
+		out, _ := l.Pod.Run(ctx, "iptables", "-L", "EGRESS_GUARD_FILTER", "-v", "-n", "-x")
+		if !strings.Contains(out, "DROP") {
+			t.Fatalf("no UDP drop rule:\n%s", out)
+		}
+	})
+
+	t.Run("DNS to the resolver still works", func(t *testing.T) {
+		exit, body := p.app(t, appUID, "-o", "/dev/null", "-w", "%{remote_ip}", "https://a.cdn.example.com/")
+		if exit != 0 || !strings.Contains(body, "198.18.1.11") {
+			t.Fatalf("exit %d: %s", exit, body)
+		}
+	})
+
+	t.Run("IPv6 original destination", func(t *testing.T) {
+		exit, body := p.app(t, appUID, "https://v6only.example.com/")
+		if exit != 0 || !strings.Contains(body, "hello from fd00:18:1::14") {
+			t.Fatalf("exit %d: %s", exit, body)
+		}
+		p.closeLine(t, fields("target", "v6only.example.com:443", "upstream", "[fd00:18:1::14]:443"))
+		// A dual-stack name reached over IPv6: the app's address is in the proxy's answer,
+		// so it is kept.
+		if exit, body := p.app(t, appUID, "-6", "https://api.example.com/"); exit != 0 || !strings.Contains(body, "hello from fd00:18:1::10") {
+			t.Fatalf("-6 api.example.com: exit %d: %s", exit, body)
+		}
+		// No name: an IPv6 literal decided on the address itself.
+		exit, body = p.app(t, appUID, "-H", "Host:", "--http1.0", "http://[fd00:18:1::14]:80/")
+		if exit != 0 || !strings.Contains(body, "hello from fd00:18:1::14") {
+			t.Fatalf("IPv6 literal: exit %d: %s", exit, body)
+		}
+		p.closeLine(t, fields("target", "[fd00:18:1::14]:80", "upstream", "[fd00:18:1::14]:80", "destination", "fd00:18:1::/48"))
+	})
+
+	t.Run("server-first protocol to an allowed address", func(t *testing.T) {
+		for _, target := range []string{"198.18.1.25:25", "198.18.1.10:7"} {
+			c, err := l.Pod.Dial("tcp", target, 3*time.Second)
+			if err != nil {
+				t.Fatal(err)
+			}
+			c.SetDeadline(time.Now().Add(5 * time.Second))
+			if target == "198.18.1.25:25" {
+				// smtp.example.com:25 is an exact-name rule: the proxy resolved it itself,
+				// so its address is allowed although the client sends no name.
+				line, err := bufio.NewReader(c).ReadString('\n')
+				if err != nil || line != netlab.BannerGreet {
+					t.Fatalf("banner %q %v", line, err)
+				}
+			} else {
+				fmt.Fprint(c, "ping")
+				b := make([]byte, 4)
+				if _, err := io.ReadFull(c, b); err != nil || string(b) != "ping" {
+					t.Fatalf("echo %q %v", b, err)
+				}
+			}
+			c.Close()
+		}
+		p.decision(t, fields("target", "198.18.1.25:25", "method", "server-first", "destination", "smtp.example.com:25"))
+		p.closeLine(t, fields("target", "198.18.1.10:7", "destination", "198.18.1.10:7"))
+	})
+
+	t.Run("proxy UID is not redirected", func(t *testing.T) {
+		before := l.Accepted("198.18.1.20")
+		n := len(p.side.Records("decision"))
+		exit, body := p.app(t, proxyUID, "http://198.18.1.20/")
+		if exit != 0 || !strings.Contains(body, "hello from 198.18.1.20") {
+			t.Fatalf("exit %d: %s", exit, body)
+		}
+		if l.Accepted("198.18.1.20") != before+1 {
+			t.Fatal("the proxy UID's connection did not go straight out")
+		}
+		time.Sleep(200 * time.Millisecond)
+		if len(p.side.Records("decision")) != n {
+			t.Fatal("the proxy UID's own connection was captured")
+		}
+	})
+
+	t.Run("root without NET_ADMIN cannot escape", func(t *testing.T) {
+		before := l.Accepted("198.18.1.20")
+		for _, url := range []string{"https://evil.test/", "http://198.18.1.20/"} {
+			if exit, body := p.app(t, 0, url); exit == 0 {
+				t.Fatalf("%s as root: %s", url, body)
+			}
+		}
+		if l.Accepted("198.18.1.20") != before {
+			t.Fatal("root reached the denied host")
+		}
+		// Changing the rules needs NET_ADMIN, which the app does not have.
+		if _, err := l.Pod.Run(ctx, "setpriv", "--inh-caps=-all", "--bounding-set=-all", "--", "iptables", "-t", "nat", "-F", "EGRESS_GUARD_OUTPUT"); err == nil {
+			t.Fatal("root without NET_ADMIN flushed the capture chain")
+		}
+	})
+
+	t.Run("loopback services in the pod still work", func(t *testing.T) {
+		ln, err := l.Pod.Listen("tcp", "127.0.0.1:8080")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer ln.Close()
+		go func() {
+			c, err := ln.Accept()
+			if err == nil {
+				io.WriteString(c, "HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: close\r\n\r\nlocal")
+				c.Close()
+			}
+		}()
+		if exit, body := p.app(t, appUID, "http://127.0.0.1:8080/"); exit != 0 || body != "local" {
+			t.Fatalf("exit %d: %q", exit, body)
+		}
+	})
+
+	t.Run("explicit proxy on localhost for proxy-aware apps", func(t *testing.T) {
+		exit, body := p.app(t, appUID, "-x", "http://127.0.0.1:15002", "https://api.example.com/")
+		if exit != 0 || !strings.Contains(body, "(host api.example.com)") {
+			t.Fatalf("exit %d: %s", exit, body)
+		}
+		p.decision(t, fields("listener", "explicit", "identity", "shop", "target", "api.example.com:443", "action", "allowed"))
+	})
+
+	t.Run("metrics count transparent decisions", func(t *testing.T) {
+		if v := metric(t, l, 15090, `egress_proxy_requests_total{destination="none",identity="shop",status="denied"}`); v < 1 {
+			t.Fatalf("denied = %v", v)
+		}
+		if v := metric(t, l, 15090, `egress_proxy_requests_total{destination="api.example.com",identity="shop",status="allowed"}`); v < 1 {
+			t.Fatalf("allowed = %v", v)
+		}
+	})
+}
