@@ -8,6 +8,7 @@ import (
 	"context"
 	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -143,3 +144,5 @@ func waitMetric(t *testing.T, l *netlab.Lab, port int, series string, want float
 		time.Sleep(100 * time.Millisecond)
 	}
 }
+
+func lookPath(c string) (string, error) { return exec.LookPath(c) }

@@ -124,6 +124,23 @@ func (n *NS) Dial(network, addr string, timeout time.Duration) (net.Conn, error)
 	return c, err
 }
 
+// NewNS creates a namespace with lo up; Delete removes it.
+func NewNS(ctx context.Context, name string) (*NS, error) {
+	exec.Command("ip", "netns", "del", name).Run() // a leftover of a killed run
+	if out, err := exec.CommandContext(ctx, "ip", "netns", "add", name).CombinedOutput(); err != nil {
+		return nil, fmt.Errorf("ip netns add %s: %v: %s", name, err, out)
+	}
+	ns := &NS{Name: name}
+	if _, err := ns.Run(ctx, "ip", "link", "set", "lo", "up"); err != nil {
+		ns.Delete()
+		return nil, err
+	}
+	return ns, nil
+}
+
+// Delete removes the namespace.
+func (n *NS) Delete() { exec.Command("ip", "netns", "del", n.Name).Run() }
+
 // Lab is the whole test network.
 type Lab struct {
 	Pod, Net *NS
@@ -152,15 +169,11 @@ func Up(ctx context.Context, prefix string, hosts []Host, records map[string][]s
 	}()
 	lab.closers = append(lab.closers, func() { os.RemoveAll(dir) })
 	for _, ns := range []*NS{lab.Pod, lab.Net} {
-		exec.Command("ip", "netns", "del", ns.Name).Run() // a leftover of a killed run
-		if out, err := exec.CommandContext(ctx, "ip", "netns", "add", ns.Name).CombinedOutput(); err != nil {
-			return nil, fmt.Errorf("ip netns add %s: %v: %s", ns.Name, err, out)
+		if _, err := NewNS(ctx, ns.Name); err != nil {
+			return nil, err
 		}
 		name := ns.Name
 		lab.closers = append(lab.closers, func() { exec.Command("ip", "netns", "del", name).Run() })
-		if _, err := ns.Run(ctx, "ip", "link", "set", "lo", "up"); err != nil {
-			return nil, err
-		}
 	}
 	podIf, netIf := "eg0", "eg1"
 	steps := [][]string{

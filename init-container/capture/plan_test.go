@@ -1,0 +1,106 @@
+package capture
+
+import (
+	"net/netip"
+	"strings"
+	"testing"
+)
+
+func TestPlanIPv4(t *testing.T) {
+	cfg := Config{
+		ProxyUID: 15337, ProxyGID: 15338, RedirectPort: 15001,
+		ExcludeCIDRs: []netip.Prefix{netip.MustParsePrefix("10.96.0.0/12"), netip.MustParsePrefix("fd00:96::/64")},
+		ExcludePorts: []uint16{5432},
+		DNSServers:   []netip.Addr{netip.MustParseAddr("10.96.0.10"), netip.MustParseAddr("fd00:96::a")},
+		UDPPolicy:    UDPDrop,
+	}
+	want := `# IPv4
+*nat
+:EGRESS_GUARD_OUTPUT - [0:0]
+-I OUTPUT 1 -j EGRESS_GUARD_OUTPUT
+-A EGRESS_GUARD_OUTPUT -m owner --uid-owner 15337 -j RETURN
+-A EGRESS_GUARD_OUTPUT -m owner --gid-owner 15338 -j RETURN
+-A EGRESS_GUARD_OUTPUT -d 127.0.0.0/8 -j RETURN
+-A EGRESS_GUARD_OUTPUT -d 10.96.0.0/12 -j RETURN
+-A EGRESS_GUARD_OUTPUT -p tcp -m tcp --dport 5432 -j RETURN
+-A EGRESS_GUARD_OUTPUT -d 10.96.0.10/32 -p tcp -m tcp --dport 53 -j RETURN
+-A EGRESS_GUARD_OUTPUT -p tcp -j REDIRECT --to-ports 15001
+COMMIT
+*filter
+:EGRESS_GUARD_FILTER - [0:0]
+-I OUTPUT 1 -j EGRESS_GUARD_FILTER
+-A EGRESS_GUARD_FILTER -m owner --uid-owner 15337 -j ACCEPT
+-A EGRESS_GUARD_FILTER -m owner --gid-owner 15338 -j ACCEPT
+-A EGRESS_GUARD_FILTER -o lo -j ACCEPT
+-A EGRESS_GUARD_FILTER -d 10.96.0.0/12 -j ACCEPT
+-A EGRESS_GUARD_FILTER -d 10.96.0.10/32 -p udp -m udp --dport 53 -j ACCEPT
+-A EGRESS_GUARD_FILTER -d 10.96.0.10/32 -p tcp -m tcp --dport 53 -j ACCEPT
+-A EGRESS_GUARD_FILTER -p udp -j DROP
+COMMIT
+`
+	if got := BuildPlan(cfg, IPv4).String(); got != want {
+		t.Fatalf("plan:\n%s\nwant:\n%s", got, want)
+	}
+	v6 := BuildPlan(cfg, IPv6).String()
+	for _, s := range []string{"-d ::1/128 -j RETURN", "-d fd00:96::/64 -j RETURN", "-d fd00:96::a/128 -p udp -m udp --dport 53 -j ACCEPT"} {
+		if !strings.Contains(v6, s) {
+			t.Errorf("IPv6 plan lacks %q:\n%s", s, v6)
+		}
+	}
+	if strings.Contains(v6, "10.96") {
+		t.Errorf("IPv4 addresses in the IPv6 plan:\n%s", v6)
+	}
+}
+
+func TestPlanUDPPolicies(t *testing.T) {
+	base := Config{ProxyUID: 1, ProxyGID: 1, RedirectPort: 15001}
+	for policy, want := range map[string]string{
+		UDPDrop:   "-p udp -j DROP",
+		UDPReject: "-p udp -j REJECT --reject-with icmp-port-unreachable",
+		UDPAllow:  "",
+	} {
+		base.UDPPolicy = policy
+		got := BuildPlan(base, IPv4).String()
+		if want != "" && !strings.Contains(got, want) || want == "" && strings.Contains(got, "-p udp -j") {
+			t.Errorf("%s: plan\n%s", policy, got)
+		}
+	}
+	base.UDPPolicy = UDPReject
+	if !strings.Contains(BuildPlan(base, IPv6).String(), "icmp6-port-unreachable") {
+		t.Error("IPv6 reject must use icmp6")
+	}
+}
+
+func TestDetectBackendReadsTheNatTable(t *testing.T) {
+	saves := map[string]string{}
+	run := func(name string, args ...string) (string, error) {
+		if out, ok := saves[name]; ok {
+			return out, nil
+		}
+		return "", errNotFound
+	}
+	saves["iptables-nft-save"] = "*nat\n:OUTPUT ACCEPT [0:0]\n-A OUTPUT -j KUBE-SERVICES\n-A KUBE-SERVICES -j RETURN\nCOMMIT\n"
+	saves["iptables"] = "iptables v1.8.9 (legacy)"
+	if b, why, err := DetectBackend(run); err != nil || b != BackendNFT || !strings.Contains(why, "nft nat table has 2 rules") {
+		t.Fatalf("nft with rules: %s %q %v", b, why, err)
+	}
+	saves["iptables-nft-save"] = "*nat\nCOMMIT\n"
+	if b, _, err := DetectBackend(run); err != nil || b != BackendLegacy {
+		t.Fatalf("empty tables, iptables is legacy: %s %v", b, err)
+	}
+	saves["iptables"] = "iptables v1.8.9 (nf_tables)"
+	if b, _, err := DetectBackend(run); err != nil || b != BackendNFT {
+		t.Fatalf("empty tables, iptables is nft: %s %v", b, err)
+	}
+	delete(saves, "iptables")
+	delete(saves, "iptables-nft-save")
+	if _, _, err := DetectBackend(run); err == nil {
+		t.Fatal("no iptables at all must be an error")
+	}
+}
+
+type notFound struct{}
+
+func (notFound) Error() string { return "not found" }
+
+var errNotFound = notFound{}
