@@ -46,6 +46,7 @@ bench: bench-go bench-peers
 
 bench-go:
 	$(GO) test -run '^$$' -bench . -benchmem ./pkg/... ./sidecar/...
+	$(GO) test -run '^$$' -bench BenchmarkTransparent -benchtime 2s ./e2e/
 
 # egressbench against direct loopback, Squid, tinyproxy and egress-guard, side by side.
 bench-peers: build

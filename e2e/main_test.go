@@ -44,7 +44,7 @@ func TestMain(m *testing.M) {
 }
 
 // require skips (or, under CI, fails) when the machine cannot run the lab.
-func require(t *testing.T, commands ...string) {
+func require(t testing.TB, commands ...string) {
 	t.Helper()
 	if err := netlab.Require(commands...); err != nil {
 		if os.Getenv("CI") == "true" {
@@ -55,7 +55,7 @@ func require(t *testing.T, commands ...string) {
 }
 
 // binary builds a command of this module once per test run.
-func binary(t *testing.T, pkg string) string {
+func binary(t testing.TB, pkg string) string {
 	t.Helper()
 	buildMu.Lock()
 	defer buildMu.Unlock()

@@ -265,11 +265,19 @@ func run(o Options, out io.Writer) error {
 		return err
 	}
 	uid, gid := probeUser(o.Config)
-	if err := selftest.Run(self, o.Config.RedirectPort, selftest.ProbeV4, uid, gid); err != nil {
-		return err
-	}
+	probes := []netip.AddrPort{selftest.ProbeV4}
 	if in6 != nil && v6.Global != "" {
-		if err := selftest.Run(self, o.Config.RedirectPort, selftest.ProbeV6, uid, gid); err != nil {
+		probes = append(probes, selftest.ProbeV6)
+	}
+	for _, probe := range probes {
+		err := selftest.Run(self, o.Config.RedirectPort, probe, uid, gid)
+		if errors.Is(err, selftest.ErrPortBusy) {
+			// A re-run while the sidecar serves the port: the rules were read back and
+			// verified above, and the sidecar's own traffic proves the redirect.
+			fmt.Fprintf(out, "self-test skipped: port %d is in use (the sidecar is running); rules verified\n", o.Config.RedirectPort)
+			return nil
+		}
+		if err != nil {
 			return err
 		}
 	}

@@ -28,6 +28,10 @@ var (
 // ClientFlag makes the program act as the probe's client (see Client).
 const ClientFlag = "--self-test-client"
 
+// ErrPortBusy means something (normally the sidecar itself, on a re-run) already listens on
+// the redirect port, so the probe cannot take it.
+var ErrPortBusy = errors.New("the redirect port is already in use")
+
 // Run listens on the redirect port on loopback, has a child process running as uid/gid
 // connect to probe, and checks the original destination of what arrives.
 func Run(self string, redirectPort uint16, probe netip.AddrPort, uid, gid uint32) error {
@@ -36,8 +40,11 @@ func Run(self string, redirectPort uint16, probe netip.AddrPort, uid, gid uint32
 		host = "::1"
 	}
 	ln, err := net.Listen("tcp", net.JoinHostPort(host, strconv.Itoa(int(redirectPort))))
+	if errors.Is(err, syscall.EADDRINUSE) {
+		return ErrPortBusy
+	}
 	if err != nil {
-		return fmt.Errorf("self-test: listen on the redirect port %d (is the sidecar already running?): %w", redirectPort, err)
+		return fmt.Errorf("self-test: listen on the redirect port %d: %w", redirectPort, err)
 	}
 	defer ln.Close()
 
