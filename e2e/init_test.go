@@ -26,7 +26,7 @@ func initNS(t *testing.T, suffix string, v6 bool) *netlab.NS {
 	if v6 {
 		cmds = append(cmds, []string{"ip", "-6", "addr", "add", "fd00:9::9/64", "dev", "lo", "nodad"}, []string{"ip", "-6", "route", "add", "default", "dev", "lo"})
 	} else {
-		cmds = append(cmds, []string{"sysctl", "-q", "-w", "net.ipv6.conf.all.disable_ipv6=1"})
+		cmds = append(cmds, []string{"sh", "-c", "echo 1 > /proc/sys/net/ipv6/conf/all/disable_ipv6"})
 	}
 	for _, c := range cmds {
 		if _, err := ns.Run(ctx, c...); err != nil {
