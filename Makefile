@@ -41,6 +41,7 @@ fuzz:
 	$(GO) test -run '^$$' -fuzz FuzzParse -fuzztime $(FUZZTIME) ./pkg/policy/
 	$(GO) test -run '^$$' -fuzz FuzzParseClientHello -fuzztime $(FUZZTIME) ./pkg/peek/
 	$(GO) test -run '^$$' -fuzz FuzzParseHTTPRequestHead -fuzztime $(FUZZTIME) ./pkg/peek/
+	$(GO) test -run '^$$' -fuzz FuzzRequestPath -fuzztime $(FUZZTIME) ./sidecar/proxy/
 
 bench: bench-go bench-peers
 

@@ -117,24 +117,12 @@ func (g *gateway) metric(t *testing.T, series string) float64 {
 
 func (g *gateway) waitDecision(t *testing.T, match func(map[string]any) bool) map[string]any {
 	t.Helper()
-	r, err := g.proc.WaitRecord("decision", 5*time.Second, match)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return r
+	return waitRecord(t, g.proc, "decision", match)
 }
 
 func (g *gateway) waitClose(t *testing.T, match func(map[string]any) bool) map[string]any {
 	t.Helper()
-	r, err := g.proc.WaitRecord("close", 5*time.Second, match)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return r
-}
-
-func field(k, v string) func(map[string]any) bool {
-	return func(m map[string]any) bool { return fmt.Sprint(m[k]) == v }
+	return waitRecord(t, g.proc, "close", match)
 }
 
 func fields(kv ...string) func(map[string]any) bool {

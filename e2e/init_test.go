@@ -141,3 +141,16 @@ func TestInitDryRunCleanupAndBackends(t *testing.T) {
 		}
 	})
 }
+
+func TestInitExplainsMissingCapability(t *testing.T) {
+	ns := initNS(t, "cap", false)
+	bin := binary(t, "./cmd/egress-guard-init")
+	// Root, but without NET_ADMIN (as an init container that forgot to ask for it).
+	out, err := ns.Run(context.Background(), "setpriv", "--inh-caps=-all", "--bounding-set=-all", "--", bin, "--dns-servers", "198.18.1.53")
+	if err == nil || !strings.Contains(out, "NET_ADMIN") {
+		t.Fatalf("want an error naming NET_ADMIN, got %v:\n%s", err, out)
+	}
+	if strings.Count(strings.TrimSpace(out), "\n") > 2 {
+		t.Errorf("the error should be short:\n%s", out)
+	}
+}

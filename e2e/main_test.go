@@ -146,3 +146,13 @@ func waitMetric(t *testing.T, l *netlab.Lab, port int, series string, want float
 }
 
 func lookPath(c string) (string, error) { return exec.LookPath(c) }
+
+// waitRecord waits for a JSON log line of the process with that msg matching match.
+func waitRecord(t *testing.T, p *netlab.Process, msg string, match func(map[string]any) bool) map[string]any {
+	t.Helper()
+	r, err := p.WaitRecord(msg, 5*time.Second, match)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return r
+}

@@ -116,20 +116,12 @@ func (p *pod) app(t *testing.T, uid int, extra ...string) (exit int, body string
 
 func (p *pod) decision(t *testing.T, match func(map[string]any) bool) map[string]any {
 	t.Helper()
-	r, err := p.side.WaitRecord("decision", 5*time.Second, match)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return r
+	return waitRecord(t, p.side, "decision", match)
 }
 
 func (p *pod) closeLine(t *testing.T, match func(map[string]any) bool) map[string]any {
 	t.Helper()
-	r, err := p.side.WaitRecord("close", 5*time.Second, match)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return r
+	return waitRecord(t, p.side, "close", match)
 }
 
 func TestSidecarTransparent(t *testing.T) {
