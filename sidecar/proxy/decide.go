@@ -210,9 +210,8 @@ func (s *Server) reachable(id *policy.Identity, rule *policy.Rule, a netip.Addr,
 // knownAddrs maps the addresses of one identity's exact-name rules, as the proxy resolved
 // them, to those rules. It is rebuilt in the background and replaced atomically.
 type knownAddrs struct {
-	policy   *policy.Policy // the policy it was built from
-	identity string
-	byAddr   map[netip.Addr][]*policy.Rule
+	policy *policy.Policy // the policy it was built from
+	byAddr map[netip.Addr][]*policy.Rule
 }
 
 func (k *knownAddrs) lookup(a netip.Addr, port uint16) *policy.Rule {
@@ -235,7 +234,7 @@ type knownAddrsRefresher struct {
 // refresh resolves every exact-name rule of the identity. Resolution failures leave that
 // name out until the next round; they are not fatal (the name may not exist yet).
 func (s *Server) refreshKnown(ctx context.Context, pol *policy.Policy) *knownAddrs {
-	k := &knownAddrs{policy: pol, identity: s.cfg.Identity, byAddr: map[netip.Addr][]*policy.Rule{}}
+	k := &knownAddrs{policy: pol, byAddr: map[netip.Addr][]*policy.Rule{}}
 	id := pol.Identity(s.cfg.Identity)
 	if id == nil {
 		return k

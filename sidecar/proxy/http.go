@@ -2,7 +2,6 @@ package proxy
 
 import (
 	"bufio"
-	"bytes"
 	"context"
 	"fmt"
 	"io"
@@ -59,8 +58,6 @@ type prefixConn struct {
 
 func (p *prefixConn) Read(b []byte) (int, error) { return p.r.Read(b) }
 
-func bytesReader(b []byte) io.Reader { return bytes.NewReader(b) }
-
 // hopHeaders are meaningful only for one connection and are not forwarded (RFC 9110 §7.6.1),
 // plus the proxy's own credentials, which must never reach the destination.
 var hopHeaders = []string{
@@ -113,7 +110,7 @@ func (s *Server) forward(ctx context.Context, c *tunnel.Conn, conn *net.TCPConn,
 	up, err := s.dial(ctx, c, rec, t, d)
 	if err != nil {
 		writeStatus(conn, dialStatus(err), "egress-guard: upstream connection failed", nil)
-		s.finish(rec, nil, 0, 0, rec.Reason)
+		s.finish(rec, 0, 0, rec.Reason)
 		return
 	}
 	s.count(rec)
@@ -124,13 +121,13 @@ func (s *Server) forward(ctx context.Context, c *tunnel.Conn, conn *net.TCPConn,
 	upR := &countingReader{r: up}
 	if err := req.Write(upW); err != nil {
 		writeStatus(conn, http.StatusBadGateway, "egress-guard: sending the request upstream failed", nil)
-		s.finish(rec, up, upW.n, 0, closeReason(c, tunnel.ReasonReset))
+		s.finish(rec, upW.n, 0, closeReason(c, tunnel.ReasonReset))
 		return
 	}
 	resp, err := http.ReadResponse(bufio.NewReader(upR), req)
 	if err != nil {
 		writeStatus(conn, http.StatusBadGateway, "egress-guard: malformed or missing upstream response", nil)
-		s.finish(rec, up, upW.n, upR.n, closeReason(c, tunnel.ReasonReset))
+		s.finish(rec, upW.n, upR.n, closeReason(c, tunnel.ReasonReset))
 		return
 	}
 	defer resp.Body.Close()
@@ -140,7 +137,7 @@ func (s *Server) forward(ctx context.Context, c *tunnel.Conn, conn *net.TCPConn,
 	if err := resp.Write(conn); err != nil {
 		reason = tunnel.ReasonReset
 	}
-	s.finish(rec, up, upW.n, upR.n, closeReason(c, reason))
+	s.finish(rec, upW.n, upR.n, closeReason(c, reason))
 }
 
 // closeReason prefers the tracker's reason (idle timeout, drain) when it closed the sockets.

@@ -13,6 +13,7 @@ package proxy
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"encoding/base64"
 	"errors"
@@ -241,10 +242,10 @@ func (s *Server) connect(ctx context.Context, c *tunnel.Conn, conn *net.TCPConn,
 		// The SNI can only be read once the client believes the tunnel is open; the
 		// upstream is still not dialed, so a mismatch reaches nobody.
 		if err := writeConnected(conn); err != nil {
-			s.finish(rec, nil, 0, 0, tunnel.ReasonReset)
+			s.finish(rec, 0, 0, tunnel.ReasonReset)
 			return
 		}
-		hello, consumed, err := peek.ReadClientHello(&prefixConn{TCPConn: conn, r: io.MultiReader(bytesReader(prefix), conn)}, peek.MaxClientHello+4096, s.cfg.PeekTimeout)
+		hello, consumed, err := peek.ReadClientHello(&prefixConn{TCPConn: conn, r: io.MultiReader(bytes.NewReader(prefix), conn)}, peek.MaxClientHello+4096, s.cfg.PeekTimeout)
 		prefix = consumed
 		if reason := sniVerdict(hello, err, t.host); reason != "" {
 			if hello != nil {
@@ -256,7 +257,7 @@ func (s *Server) connect(ctx context.Context, c *tunnel.Conn, conn *net.TCPConn,
 				s.count(rec)
 				// No HTTP text inside what the client takes for a TLS stream: reset.
 				conn.SetLinger(0)
-				s.finish(rec, nil, int64(len(prefix)), 0, reason)
+				s.finish(rec, int64(len(prefix)), 0, reason)
 				return
 			}
 			rec.Action, rec.Reason = accesslog.ActionAudit, reason
@@ -266,25 +267,25 @@ func (s *Server) connect(ctx context.Context, c *tunnel.Conn, conn *net.TCPConn,
 	}
 	s.logDecision(rec, id)
 
-	up, err := s.dial(ctx, c, rec, t, d)
-	if err != nil {
+	// The tracked connection owns the upstream from here; Relay reads it from there.
+	if _, err := s.dial(ctx, c, rec, t, d); err != nil {
 		if checkSNI {
 			conn.SetLinger(0) // the 200 is out; a reset tells the client the tunnel failed
 		} else {
 			writeStatus(conn, dialStatus(err), "egress-guard: upstream connection failed", nil)
 		}
-		s.finish(rec, nil, 0, 0, rec.Reason)
+		s.finish(rec, 0, 0, rec.Reason)
 		return
 	}
 	if !checkSNI {
 		if err := writeConnected(conn); err != nil {
-			s.finish(rec, up, 0, 0, tunnel.ReasonReset)
+			s.finish(rec, 0, 0, tunnel.ReasonReset)
 			return
 		}
 	}
 	s.count(rec)
 	upBytes, downBytes, reason := c.Relay(prefix)
-	s.finish(rec, up, upBytes, downBytes, reason)
+	s.finish(rec, upBytes, downBytes, reason)
 }
 
 // sniVerdict returns "" when the ClientHello names host, else the deny reason.
@@ -350,7 +351,7 @@ func (s *Server) reject(conn *net.TCPConn, rec *accesslog.Record, code int, reas
 	}
 	writeStatus(conn, code, "egress-guard: "+msg, hdr)
 	closeGracefully(conn)
-	s.finish(rec, nil, 0, 0, reason)
+	s.finish(rec, 0, 0, reason)
 }
 
 // count adds the connection to egress_proxy_requests_total once, with its final status.
@@ -359,7 +360,7 @@ func (s *Server) count(rec *accesslog.Record) {
 }
 
 // finish logs the close line and the byte counters.
-func (s *Server) finish(rec *accesslog.Record, up *net.TCPConn, upBytes, downBytes int64, reason string) {
+func (s *Server) finish(rec *accesslog.Record, upBytes, downBytes int64, reason string) {
 	rec.BytesUp, rec.BytesDown, rec.CloseReason = upBytes, downBytes, reason
 	s.cfg.AccessLog.Close(rec)
 	if upBytes > 0 || downBytes > 0 {

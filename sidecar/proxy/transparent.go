@@ -86,12 +86,12 @@ func (s *Server) handleTransparent(c *tunnel.Conn, conn *net.TCPConn) {
 	s.logDecision(rec, id)
 	if _, err := s.dial(ctx, c, rec, t, &d); err != nil {
 		conn.SetLinger(0)
-		s.finish(rec, nil, 0, 0, rec.Reason)
+		s.finish(rec, 0, 0, rec.Reason)
 		return
 	}
 	s.count(rec)
 	up, down, reason := c.Relay(prefix)
-	s.finish(rec, nil, up, down, reason)
+	s.finish(rec, up, down, reason)
 }
 
 // resetDenied logs and counts a refused transparent connection and resets it.
@@ -100,7 +100,7 @@ func (s *Server) resetDenied(conn *net.TCPConn, rec *accesslog.Record, reason, s
 	s.cfg.AccessLog.Decision(rec)
 	s.count(rec)
 	conn.SetLinger(0)
-	s.finish(rec, nil, 0, 0, reason)
+	s.finish(rec, 0, 0, reason)
 }
 
 // isOwnListener reports a connection whose original destination is this listener itself: a
