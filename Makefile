@@ -24,8 +24,9 @@ deps:
 test:
 	scripts/test.sh
 
+# Every package but the end-to-end tests.
 unit:
-	$(GO) test -count=1 -race ./pkg/... ./sidecar/... ./cmd/...
+	$(GO) test -count=1 -race $$($(GO) list ./... | grep -v -E '/e2e(/|$$)')
 
 e2e: deps
 	$(GO) test -count=1 -timeout 10m ./e2e/...
@@ -34,14 +35,12 @@ lint:
 	@out=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go')); \
 	if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
 	$(GO) vet ./...
+	$(GO) mod tidy -diff
 
-# Short fuzzing runs beyond the seed corpora (not part of `make test`).
+# Every fuzz target of the tree, FUZZTIME each, beyond the seed corpora (not part of `make test`).
 FUZZTIME ?= 30s
 fuzz:
-	$(GO) test -run '^$$' -fuzz FuzzParse -fuzztime $(FUZZTIME) ./pkg/policy/
-	$(GO) test -run '^$$' -fuzz FuzzParseClientHello -fuzztime $(FUZZTIME) ./pkg/peek/
-	$(GO) test -run '^$$' -fuzz FuzzParseHTTPRequestHead -fuzztime $(FUZZTIME) ./pkg/peek/
-	$(GO) test -run '^$$' -fuzz FuzzRequestPath -fuzztime $(FUZZTIME) ./sidecar/proxy/
+	FUZZTIME=$(FUZZTIME) scripts/fuzz.sh
 
 bench: bench-go bench-peers
 

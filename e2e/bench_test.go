@@ -10,7 +10,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/egress-guard/egress-guard/e2e/netlab"
+	"github.com/egress-guard/egress-guard/internal/netlab"
 )
 
 // BenchmarkTransparent measures what capture costs an app: connection setup (connect, one

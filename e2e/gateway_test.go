@@ -14,7 +14,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/egress-guard/egress-guard/e2e/netlab"
+	"github.com/egress-guard/egress-guard/internal/netlab"
 )
 
 const gatewayPolicy = `
@@ -115,27 +115,6 @@ func (g *gateway) metric(t *testing.T, series string) float64 {
 	return metric(t, g.lab, g.metrics, series)
 }
 
-func (g *gateway) waitDecision(t *testing.T, match func(map[string]any) bool) map[string]any {
-	t.Helper()
-	return waitRecord(t, g.proc, "decision", match)
-}
-
-func (g *gateway) waitClose(t *testing.T, match func(map[string]any) bool) map[string]any {
-	t.Helper()
-	return waitRecord(t, g.proc, "close", match)
-}
-
-func fields(kv ...string) func(map[string]any) bool {
-	return func(m map[string]any) bool {
-		for i := 0; i+1 < len(kv); i += 2 {
-			if fmt.Sprint(m[kv[i]]) != kv[i+1] {
-				return false
-			}
-		}
-		return true
-	}
-}
-
 // forbiddenCounters installs DROP rules with packet counters in the pod namespace for the
 // internal ranges the tests' names resolve to; a proxy that tried to connect there would
 // show up in them.
@@ -165,6 +144,7 @@ func TestGateway(t *testing.T) {
 
 	t.Run("original README curl line", func(t *testing.T) {
 		before := l.Accepted("198.18.1.10")
+		lg := from(g.proc)
 		exit, code, body := g.curl(t, "frontend-pod-1", "https://api.example.com")
 		if exit != 0 || code != 200 || !strings.Contains(body, "hello from 198.18.1.10 (host api.example.com)") {
 			t.Fatalf("curl exit %d code %d body %q", exit, code, body)
@@ -172,9 +152,10 @@ func TestGateway(t *testing.T) {
 		if l.Accepted("198.18.1.10") <= before {
 			t.Fatal("the server saw no connection")
 		}
-		g.waitDecision(t, fields("identity", "frontend-services", "target", "api.example.com:443", "action", "allowed", "destination", "api.example.com", "sni", "api.example.com"))
-		c := g.waitClose(t, fields("identity", "frontend-services", "target", "api.example.com:443"))
-		if c["bytes_down"].(float64) <= 0 || c["bytes_up"].(float64) <= 0 || c["upstream"] == nil {
+		d := lg.decision(t, "listener", "explicit", "method", "CONNECT", "identity", "frontend-services", "target", "api.example.com:443",
+			"sni", "api.example.com", "destination", "api.example.com", "action", "allowed", "reason", "rule", "status", "allowed")
+		c := lg.closeOf(t, d, "identity", "frontend-services", "decision_reason", "rule", "reason", "closed")
+		if up := c["upstream"]; c["bytes_down"].(float64) <= 0 || c["bytes_up"].(float64) <= 0 || (up != "198.18.1.10:443" && up != "[fd00:18:1::10]:443") {
 			t.Fatalf("close line %v", c)
 		}
 		if v := g.metric(t, `egress_proxy_requests_total{destination="api.example.com",identity="frontend-services",status="allowed"}`); v < 1 {
@@ -188,13 +169,17 @@ func TestGateway(t *testing.T) {
 	})
 
 	t.Run("wildcard allows below the suffix, not the apex", func(t *testing.T) {
+		lg := from(g.proc)
 		if _, code, body := g.curl(t, "frontend-pod-2", "https://a.cdn.example.com/"); code != 200 || !strings.Contains(body, "198.18.1.11") {
 			t.Fatalf("a.cdn.example.com: %d %q", code, body)
 		}
+		lg.decision(t, "identity", "frontend-services", "target", "a.cdn.example.com:443", "destination", "*.cdn.example.com", "action", "allowed", "reason", "rule")
 		before := l.Accepted("198.18.1.12")
+		lg = from(g.proc)
 		if _, code, _ := g.curl(t, "frontend-pod-2", "https://cdn.example.com/"); code != 403 {
 			t.Fatalf("cdn.example.com: %d, want 403", code)
 		}
+		lg.decision(t, "identity", "frontend-services", "target", "cdn.example.com:443", "destination", "none", "action", "denied", "reason", "no_matching_rule", "status", "denied")
 		if l.Accepted("198.18.1.12") != before {
 			t.Fatal("denied apex was connected to")
 		}
@@ -202,27 +187,32 @@ func TestGateway(t *testing.T) {
 
 	t.Run("denied host never connected", func(t *testing.T) {
 		before := l.Accepted("198.18.1.20")
+		lg := from(g.proc)
 		if _, code, _ := g.curl(t, "frontend-pod-1", "https://evil.test/"); code != 403 {
 			t.Fatalf("evil.test: %d, want 403", code)
 		}
 		if l.Accepted("198.18.1.20") != before {
 			t.Fatal("denied destination was connected to")
 		}
-		g.waitDecision(t, fields("target", "evil.test:443", "action", "denied", "reason", "no_matching_rule"))
+		lg.decision(t, "listener", "explicit", "method", "CONNECT", "identity", "frontend-services", "target", "evil.test:443",
+			"destination", "none", "action", "denied", "reason", "no_matching_rule", "status", "denied")
 		if v := g.metric(t, `egress_proxy_requests_total{destination="none",identity="frontend-services",status="denied"}`); v < 1 {
 			t.Fatalf("denied counter = %v", v)
 		}
 	})
 
 	t.Run("missing and unknown credentials", func(t *testing.T) {
+		lg := from(g.proc)
 		out, _ := l.Pod.Run(context.Background(), "curl", "-sS", "-i", "--max-time", "5", "-x", fmt.Sprintf("http://127.0.0.1:%d", g.port), "http://api.example.com/")
 		if !strings.Contains(out, "407") || !strings.Contains(out, `Proxy-Authenticate: Basic realm="egress-guard"`) {
 			t.Fatalf("no credentials:\n%s", out)
 		}
+		lg.decision(t, "method", "GET", "identity", "none", "target", "api.example.com:80", "action", "denied", "reason", "no_credentials", "status", "auth_required")
+		lg = from(g.proc)
 		if _, code, _ := g.curl(t, "not-a-key-x9z", "https://api.example.com/"); code != 407 {
 			t.Fatalf("unknown key: %d, want 407", code)
 		}
-		g.waitDecision(t, fields("identity", "unknown", "reason", "unknown_api_key", "status", "auth_required"))
+		lg.decision(t, "method", "CONNECT", "identity", "unknown", "target", "api.example.com:443", "action", "denied", "reason", "unknown_api_key", "status", "auth_required")
 		for _, line := range g.proc.Lines() {
 			if strings.Contains(line, "not-a-key-x9z") {
 				t.Fatalf("an unknown API key was logged: %s", line)
@@ -235,14 +225,19 @@ func TestGateway(t *testing.T) {
 
 	t.Run("names resolving to internal addresses are denied before any packet", func(t *testing.T) {
 		for _, name := range []string{"meta.cdn.example.com", "rfc1918.cdn.example.com"} {
+			lg := from(g.proc)
 			if _, code, _ := g.curl(t, "frontend-pod-1", "https://"+name+"/"); code != 403 {
 				t.Fatalf("%s: %d, want 403", name, code)
 			}
-			g.waitDecision(t, fields("target", name+":443", "action", "denied", "reason", "internal_address", "destination", "*.cdn.example.com"))
+			lg.decision(t, "method", "CONNECT", "identity", "frontend-services", "target", name+":443", "destination", "*.cdn.example.com",
+				"action", "denied", "reason", "internal_address", "status", "denied")
 		}
+		lg := from(g.proc)
 		if _, code, _ := g.curl(t, "frontend-pod-1", "http://meta.cdn.example.com/latest/meta-data/"); code != 403 {
 			t.Fatalf("plain HTTP to metadata: %d, want 403", code)
 		}
+		lg.decision(t, "method", "GET", "identity", "frontend-services", "target", "meta.cdn.example.com:80", "destination", "*.cdn.example.com",
+			"action", "denied", "reason", "internal_address", "status", "denied")
 		out := counters()
 		for _, cidr := range []string{"169.254.0.0/16", "10.0.0.0/8"} {
 			found := false
@@ -263,6 +258,7 @@ func TestGateway(t *testing.T) {
 
 	t.Run("SNI must match the CONNECT host", func(t *testing.T) {
 		apiBefore, evilBefore := l.Accepted("198.18.1.10"), l.Accepted("198.18.1.20")
+		lg := from(g.proc)
 		exit, _, body := g.curl(t, "frontend-pod-1", "https://evil.test/", "--connect-to", "evil.test:443:api.example.com:443")
 		if exit == 0 {
 			t.Fatalf("mismatched SNI got through: %q", body)
@@ -270,7 +266,8 @@ func TestGateway(t *testing.T) {
 		if strings.Contains(body, "HTTP/1.1 403") {
 			t.Fatal("HTTP text was written into the TLS stream")
 		}
-		g.waitDecision(t, fields("target", "api.example.com:443", "sni", "evil.test", "action", "denied", "reason", "sni_mismatch"))
+		lg.decision(t, "method", "CONNECT", "identity", "frontend-services", "target", "api.example.com:443", "sni", "evil.test",
+			"action", "denied", "reason", "sni_mismatch", "status", "sni_mismatch")
 		if l.Accepted("198.18.1.10") != apiBefore || l.Accepted("198.18.1.20") != evilBefore {
 			t.Fatal("an upstream was connected for a mismatched SNI")
 		}
@@ -280,59 +277,79 @@ func TestGateway(t *testing.T) {
 	})
 
 	t.Run("plain HTTP forwarding", func(t *testing.T) {
+		lg := from(g.proc)
 		if _, code, body := g.curl(t, "frontend-pod-1", "http://api.example.com/x"); code != 200 || !strings.Contains(body, "hello from 198.18.1.10 (host api.example.com)") {
 			t.Fatalf("plain HTTP: %d %q", code, body)
 		}
-		g.waitClose(t, fields("method", "GET", "target", "api.example.com:80", "reason", "closed"))
+		d := lg.decision(t, "listener", "explicit", "method", "GET", "identity", "frontend-services", "target", "api.example.com:80",
+			"destination", "api.example.com", "action", "allowed", "reason", "rule", "status", "allowed")
+		lg.closeOf(t, d, "method", "GET", "reason", "closed", "upstream", "198.18.1.10:80")
+		lg = from(g.proc)
 		if _, code, _ := g.curl(t, "frontend-pod-1", "http://evil.test/"); code != 403 {
 			t.Fatalf("plain HTTP denied host: %d", code)
 		}
+		lg.decision(t, "method", "GET", "identity", "frontend-services", "target", "evil.test:80", "destination", "none",
+			"action", "denied", "reason", "no_matching_rule", "status", "denied")
 	})
 
 	t.Run("port restriction", func(t *testing.T) {
+		lg := from(g.proc)
 		if _, code, _ := g.curl(t, "frontend-pod-1", "https://portonly.example.com/"); code != 200 {
 			t.Fatalf("portonly:443: %d", code)
 		}
+		lg.decision(t, "target", "portonly.example.com:443", "destination", "portonly.example.com:443", "action", "allowed", "reason", "rule")
+		lg = from(g.proc)
 		if _, code, _ := g.curl(t, "frontend-pod-1", "https://portonly.example.com:8443/"); code != 403 {
 			t.Fatalf("portonly:8443: %d, want 403", code)
 		}
+		lg.decision(t, "target", "portonly.example.com:8443", "destination", "none", "action", "denied", "reason", "no_matching_rule")
 	})
 
 	t.Run("audit mode allows and records", func(t *testing.T) {
+		lg := from(g.proc)
 		if _, code, body := g.curl(t, "audit-key", "https://a.cdn.example.com/"); code != 200 || !strings.Contains(body, "198.18.1.11") {
 			t.Fatalf("audit: %d %q", code, body)
 		}
-		g.waitDecision(t, fields("identity", "rollout", "target", "a.cdn.example.com:443", "action", "audit", "reason", "no_matching_rule"))
+		lg.decision(t, "identity", "rollout", "target", "a.cdn.example.com:443", "destination", "none", "action", "audit", "reason", "no_matching_rule")
 		if v := g.metric(t, `egress_proxy_audit_would_deny_total{identity="rollout",reason="no_matching_rule"}`); v < 1 {
 			t.Fatalf("audit counter = %v", v)
 		}
 		// Audit never opens internal addresses.
+		lg = from(g.proc)
 		if _, code, _ := g.curl(t, "audit-key", "https://meta.cdn.example.com/"); code != 403 {
 			t.Fatalf("audit to metadata: %d, want 403", code)
 		}
+		lg.decision(t, "identity", "rollout", "target", "meta.cdn.example.com:443", "action", "denied", "reason", "internal_address")
 	})
 
 	t.Run("IPv6 destination", func(t *testing.T) {
 		// frontend-services allows the name but no rule names its ULA address.
+		lg := from(g.proc)
 		if _, code, _ := g.curl(t, "frontend-pod-1", "https://v6only.example.com/"); code != 403 {
 			t.Fatalf("v6only without a rule naming fd00::/8: %d, want 403", code)
 		}
-		g.waitDecision(t, fields("identity", "frontend-services", "target", "v6only.example.com:443", "reason", "internal_address"))
+		lg.decision(t, "identity", "frontend-services", "target", "v6only.example.com:443", "destination", "v6only.example.com",
+			"action", "denied", "reason", "internal_address", "status", "denied")
+		lg = from(g.proc)
 		if _, code, body := g.curl(t, "v6-key", "https://v6only.example.com/"); code != 200 || !strings.Contains(body, "fd00:18:1::14") {
 			t.Fatalf("v6only: %d %q", code, body)
 		}
-		g.waitClose(t, fields("identity", "v6-team", "target", "v6only.example.com:443", "upstream", "[fd00:18:1::14]:443"))
+		d := lg.decision(t, "identity", "v6-team", "target", "v6only.example.com:443", "destination", "v6only.example.com",
+			"action", "allowed", "reason", "rule", "status", "allowed")
+		lg.closeOf(t, d, "identity", "v6-team", "upstream", "[fd00:18:1::14]:443", "reason", "closed")
 	})
 
 	t.Run("malformed requests get a status and the proxy keeps serving", func(t *testing.T) {
 		for _, tc := range []struct {
-			raw  string
-			want string
+			raw    string
+			want   string
+			reason string
 		}{
-			{"GARBAGE\r\n\r\n", "400"},
-			{"CONNECT api.example.com HTTP/1.1\r\nHost: x\r\n\r\n", "400"},
-			{"GET http://api.example.com/ HTTP/1.1\r\nX: " + strings.Repeat("a", 40000) + "\r\n\r\n", "431"},
+			{"GARBAGE\r\n\r\n", "400", "malformed_request"},
+			{"CONNECT api.example.com HTTP/1.1\r\nHost: x\r\n\r\n", "400", "malformed_request"},
+			{"GET http://api.example.com/ HTTP/1.1\r\nX: " + strings.Repeat("a", 40000) + "\r\n\r\n", "431", "header_too_large"},
 		} {
+			lg := from(g.proc)
 			c, err := l.Pod.Dial("tcp", fmt.Sprintf("127.0.0.1:%d", g.port), 2*time.Second)
 			if err != nil {
 				t.Fatal(err)
@@ -344,6 +361,8 @@ func TestGateway(t *testing.T) {
 			if !strings.Contains(line, " "+tc.want+" ") {
 				t.Fatalf("%.30q: status line %q, want %s", tc.raw, line, tc.want)
 			}
+			lg.decision(t, "listener", "explicit", "identity", "none", "target", "", "destination", "none",
+				"action", "denied", "reason", tc.reason, "status", "bad_request")
 		}
 		if _, code, _ := g.curl(t, "frontend-pod-1", "https://api.example.com/"); code != 200 {
 			t.Fatalf("after malformed input: %d", code)
@@ -358,18 +377,21 @@ func TestGatewayReloadKeepsLastGoodPolicy(t *testing.T) {
 	reloads0 := g.metric(t, "egress_proxy_config_reloads_total")
 
 	bad := strings.Replace(gatewayPolicy, `"*.cdn.example.com"`, `"*"`, 1)
+	lg := from(g.proc)
 	if err := os.WriteFile(g.policy, []byte(bad), 0o644); err != nil {
 		t.Fatal(err)
 	}
 	waitMetric(t, l, g.metrics, "egress_proxy_config_load_errors_total", errors0+1)
-	if _, err := g.proc.WaitRecord("policy rejected; keeping the last good policy", 5*time.Second, func(m map[string]any) bool {
+	if _, err := g.proc.WaitRecordAfter(lg.mark, "policy rejected; keeping the last good policy", 5*time.Second, func(m map[string]any) bool {
 		return strings.Contains(fmt.Sprint(m["err"]), "egress-policy.yaml:7:") && strings.Contains(fmt.Sprint(m["err"]), "bare wildcard")
 	}); err != nil {
 		t.Fatal(err)
 	}
+	lg = from(g.proc)
 	if _, code, _ := g.curl(t, "frontend-pod-1", "https://api.example.com/"); code != 200 {
 		t.Fatalf("old policy not kept: %d", code)
 	}
+	lg.decision(t, "identity", "frontend-services", "target", "api.example.com:443", "destination", "api.example.com", "action", "allowed", "reason", "rule")
 	if v := g.metric(t, "egress_proxy_config_last_reload_successful"); v != 0 {
 		t.Fatalf("last_reload_successful = %v after a bad file", v)
 	}
@@ -379,15 +401,18 @@ func TestGatewayReloadKeepsLastGoodPolicy(t *testing.T) {
 		t.Fatal(err)
 	}
 	waitMetric(t, l, g.metrics, "egress_proxy_config_reloads_total", reloads0+1)
+	lg = from(g.proc)
 	if _, code, _ := g.curl(t, "frontend-pod-1", "https://api.example.com/"); code != 403 {
 		t.Fatalf("new policy not active: %d, want 403", code)
 	}
+	lg.decision(t, "identity", "frontend-services", "target", "api.example.com:443", "destination", "none", "action", "denied", "reason", "no_matching_rule")
 }
 
 func TestGatewayDrainWithLiveTunnel(t *testing.T) {
 	l := sharedLab(t)
 	g := startGateway(t, l, gatewayPolicy, "DRAIN_TIMEOUT=3s", "DRAIN_IDLE_TIMEOUT=30s")
 
+	lg := from(g.proc)
 	c, err := l.Pod.Dial("tcp", fmt.Sprintf("127.0.0.1:%d", g.port), 2*time.Second)
 	if err != nil {
 		t.Fatal(err)
@@ -411,6 +436,8 @@ func TestGatewayDrainWithLiveTunnel(t *testing.T) {
 	if err := echo(); err != nil {
 		t.Fatal(err)
 	}
+	d := lg.decision(t, "method", "CONNECT", "identity", "frontend-services", "target", "198.18.1.10:7", "destination", "198.18.1.10:7",
+		"action", "allowed", "reason", "rule")
 
 	start := time.Now()
 	if err := g.proc.Signal(syscall.SIGTERM); err != nil {
@@ -446,7 +473,7 @@ func TestGatewayDrainWithLiveTunnel(t *testing.T) {
 	if !exited || err != nil {
 		t.Fatalf("exit after drain: exited=%v err=%v", exited, err)
 	}
-	g.waitClose(t, fields("target", "198.18.1.10:7", "reason", "drain"))
+	lg.closeOf(t, d, "upstream", "198.18.1.10:7", "decision_reason", "rule", "reason", "drain")
 }
 
 func basicAuth(key string) string {

@@ -8,7 +8,7 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/egress-guard/egress-guard/e2e/netlab"
+	"github.com/egress-guard/egress-guard/internal/netlab"
 )
 
 // initNS makes a namespace with an IPv4 and (optionally) an IPv6 address on lo and default

@@ -10,12 +10,13 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
 	"time"
 
-	"github.com/egress-guard/egress-guard/e2e/netlab"
+	"github.com/egress-guard/egress-guard/internal/netlab"
 )
 
 var (
@@ -147,12 +148,81 @@ func waitMetric(t *testing.T, l *netlab.Lab, port int, series string, want float
 
 func lookPath(c string) (string, error) { return exec.LookPath(c) }
 
-// waitRecord waits for a JSON log line of the process with that msg matching match.
-func waitRecord(t *testing.T, p *netlab.Process, msg string, match func(map[string]any) bool) map[string]any {
+// logFrom is a process's log from a mark on: the assertions made through it see only the
+// lines written after the mark, so a subtest cannot pass on a line an earlier one wrote. Take
+// it with from just before the action under test (the curl, the dial, the file write).
+type logFrom struct {
+	p    *netlab.Process
+	mark int
+}
+
+// from marks p's log now.
+func from(p *netlab.Process) logFrom { return logFrom{p: p, mark: p.Mark()} }
+
+// wait waits for a line with msg after the mark whose fields have the values kv (field,
+// value, field, value...) and returns the first one.
+func (l logFrom) wait(t *testing.T, msg string, kv ...string) map[string]any {
 	t.Helper()
-	r, err := p.WaitRecord(msg, 5*time.Second, match)
+	r, err := l.p.WaitRecordAfter(l.mark, msg, 5*time.Second, fields(kv...))
 	if err != nil {
-		t.Fatal(err)
+		t.Fatalf("want %s %v: %v", msg, kv, err)
 	}
 	return r
+}
+
+// decision waits for the decision line of one connection: kv must name at least its target,
+// action and reason, so that no unrelated line can satisfy it.
+func (l logFrom) decision(t *testing.T, kv ...string) map[string]any {
+	t.Helper()
+	for _, need := range []string{"target", "action", "reason"} {
+		if !slices.Contains(keys(kv), need) {
+			t.Fatalf("decision assertion %v does not name %q", kv, need)
+		}
+	}
+	return l.wait(t, "decision", kv...)
+}
+
+// closeOf waits for the close line of the connection whose decision line is d (the same
+// conn id) and checks that its fields have the values kv.
+func (l logFrom) closeOf(t *testing.T, d map[string]any, kv ...string) map[string]any {
+	t.Helper()
+	conn := fmt.Sprint(d["conn"])
+	if d["conn"] == nil {
+		t.Fatalf("decision line without a conn id: %v", d)
+	}
+	return l.wait(t, "close", append([]string{"conn", conn, "target", fmt.Sprint(d["target"])}, kv...)...)
+}
+
+// none checks, after a moment for lines in flight, that no msg line was written after the
+// mark.
+func (l logFrom) none(t *testing.T, msg string) {
+	t.Helper()
+	time.Sleep(200 * time.Millisecond)
+	if recs := l.p.RecordsAfter(l.mark, msg); len(recs) != 0 {
+		t.Fatalf("unexpected %s lines: %v", msg, recs)
+	}
+}
+
+// fields matches a record whose fields have the values kv (field, value, field, value...);
+// a missing field reads as "<nil>".
+func fields(kv ...string) func(map[string]any) bool {
+	if len(kv)%2 != 0 {
+		panic(fmt.Sprintf("fields: odd number of arguments %q", kv))
+	}
+	return func(m map[string]any) bool {
+		for i := 0; i+1 < len(kv); i += 2 {
+			if fmt.Sprint(m[kv[i]]) != kv[i+1] {
+				return false
+			}
+		}
+		return true
+	}
+}
+
+func keys(kv []string) []string {
+	var out []string
+	for i := 0; i < len(kv); i += 2 {
+		out = append(out, kv[i])
+	}
+	return out
 }

@@ -12,11 +12,12 @@ import (
 	"testing"
 	"time"
 
-	"github.com/egress-guard/egress-guard/e2e/netlab"
+	"github.com/egress-guard/egress-guard/internal/netlab"
+	"github.com/egress-guard/egress-guard/pkg/contract"
 )
 
 const (
-	proxyUID = 15337
+	proxyUID = contract.ProxyUID
 	appUID   = 1000
 )
 
@@ -27,6 +28,7 @@ identities:
     allowed_destinations:
       - "api.example.com"
       - "*.cdn.example.com"
+      - "*.nowhere.example.com"   # a zone the lab's DNS has no names in
       - "smtp.example.com:25"
       - "198.18.1.10:7"
       - "v6only.example.com"
@@ -63,7 +65,7 @@ func startPod(t *testing.T) *pod {
 	}
 
 	p := &pod{lab: l, init: binary(t, "./cmd/egress-guard-init")}
-	if out, err := l.Pod.Run(ctx, p.init, "--proxy-uid", fmt.Sprint(proxyUID), "--proxy-gid", fmt.Sprint(proxyUID), "--redirect-port", "15001"); err != nil {
+	if out, err := l.Pod.Run(ctx, p.init, "--proxy-uid", fmt.Sprint(proxyUID), "--proxy-gid", fmt.Sprint(proxyUID), "--redirect-port", fmt.Sprint(contract.TransparentPort)); err != nil {
 		t.Fatalf("egress-guard-init: %v\n%s", err, out)
 	}
 
@@ -92,7 +94,7 @@ func startPod(t *testing.T) *pod {
 			t.Logf("sidecar log tail:\n%s", side.Tail(30))
 		}
 	})
-	if err := netlab.WaitReady(ctx, l.Pod, "http://127.0.0.1:15090/ready", side, 10*time.Second); err != nil {
+	if err := netlab.WaitReady(ctx, l.Pod, fmt.Sprintf("http://127.0.0.1:%d/ready", contract.AdminPort), side, 10*time.Second); err != nil {
 		t.Fatal(err)
 	}
 	return p
@@ -114,15 +116,20 @@ func (p *pod) app(t *testing.T, uid int, extra ...string) (exit int, body string
 	return exit, string(out)
 }
 
-func (p *pod) decision(t *testing.T, match func(map[string]any) bool) map[string]any {
-	t.Helper()
-	return waitRecord(t, p.side, "decision", match)
+// tr lists the fields of a transparent decision line of identity shop: listener, identity
+// and protocol, then kv.
+func tr(protocol string, kv ...string) []string {
+	return append([]string{"listener", "transparent", "identity", "shop", "protocol", protocol}, kv...)
 }
 
-func (p *pod) closeLine(t *testing.T, match func(map[string]any) bool) map[string]any {
-	t.Helper()
-	return waitRecord(t, p.side, "close", match)
-}
+// allowed and denied are the action, reason and status of an allowed decision, and of one
+// no rule allows.
+var (
+	allowed = []string{"action", "allowed", "reason", "rule", "status", "allowed"}
+	denied  = []string{"action", "denied", "reason", "no_matching_rule", "status", "denied", "destination", "none"}
+)
+
+func cat(kvs ...[]string) []string { return slices.Concat(kvs...) }
 
 func TestSidecarTransparent(t *testing.T) {
 	p := startPod(t)
@@ -148,10 +155,10 @@ func TestSidecarTransparent(t *testing.T) {
 			return strings.Join(keep, "\n")
 		}
 		before := save()
-		if !strings.Contains(before, "-A EGRESS_GUARD_OUTPUT -p tcp -j REDIRECT --to-ports 15001") {
+		if !strings.Contains(before, fmt.Sprintf("-A %s -p tcp -j REDIRECT --to-ports %d", contract.NatChain, contract.TransparentPort)) {
 			t.Fatalf("rules not installed:\n%s", before)
 		}
-		out, err := l.Pod.Run(ctx, p.init, "--proxy-uid", fmt.Sprint(proxyUID), "--proxy-gid", fmt.Sprint(proxyUID), "--redirect-port", "15001", "--self-test=false")
+		out, err := l.Pod.Run(ctx, p.init, "--proxy-uid", fmt.Sprint(proxyUID), "--proxy-gid", fmt.Sprint(proxyUID), "--redirect-port", fmt.Sprint(contract.TransparentPort), "--self-test=false")
 		if err != nil || !strings.Contains(out, "already in place") {
 			t.Fatalf("second run: %v\n%s", err, out)
 		}
@@ -161,19 +168,21 @@ func TestSidecarTransparent(t *testing.T) {
 	})
 
 	t.Run("allowed HTTPS without proxy settings", func(t *testing.T) {
+		lg := from(p.side)
 		exit, body := p.app(t, appUID, "-4", "https://api.example.com/")
 		if exit != 0 || !strings.Contains(body, "hello from 198.18.1.10 (host api.example.com)") {
 			t.Fatalf("exit %d: %s", exit, body)
 		}
-		p.decision(t, fields("listener", "transparent", "identity", "shop", "target", "api.example.com:443", "sni", "api.example.com", "action", "allowed", "method", "tls"))
-		c := p.closeLine(t, fields("listener", "transparent", "target", "api.example.com:443"))
-		if c["bytes_down"].(float64) <= 0 || c["upstream"] != "198.18.1.10:443" {
+		d := lg.decision(t, cat(tr("tls", "target", "api.example.com:443", "sni", "api.example.com", "destination", "api.example.com"), allowed)...)
+		c := lg.closeOf(t, d, "listener", "transparent", "identity", "shop", "protocol", "tls", "decision_reason", "rule", "upstream", "198.18.1.10:443")
+		if c["bytes_down"].(float64) <= 0 || c["bytes_up"].(float64) <= 0 {
 			t.Fatalf("close line %v", c)
 		}
 	})
 
 	t.Run("denied HTTPS is reset before any connection", func(t *testing.T) {
 		before := l.Accepted("198.18.1.20")
+		lg := from(p.side)
 		exit, body := p.app(t, appUID, "https://evil.test/")
 		if exit == 0 {
 			t.Fatalf("denied destination answered: %s", body)
@@ -181,21 +190,24 @@ func TestSidecarTransparent(t *testing.T) {
 		if l.Accepted("198.18.1.20") != before {
 			t.Fatal("evil.test was connected to")
 		}
-		p.decision(t, fields("listener", "transparent", "target", "evil.test:443", "action", "denied", "reason", "no_matching_rule"))
+		lg.decision(t, cat(tr("tls", "target", "evil.test:443", "sni", "evil.test"), denied)...)
 	})
 
 	t.Run("plain HTTP decided by Host", func(t *testing.T) {
+		lg := from(p.side)
 		exit, body := p.app(t, appUID, "http://a.cdn.example.com/")
 		if exit != 0 || !strings.Contains(body, "hello from 198.18.1.11") {
 			t.Fatalf("exit %d: %s", exit, body)
 		}
-		p.decision(t, fields("target", "a.cdn.example.com:80", "method", "http", "destination", "*.cdn.example.com"))
+		d := lg.decision(t, cat(tr("http", "target", "a.cdn.example.com:80", "destination", "*.cdn.example.com"), allowed)...)
+		lg.closeOf(t, d, "upstream", "198.18.1.11:80")
 	})
 
 	t.Run("spoofed SNI reaches only the named host", func(t *testing.T) {
 		// The app connects to evil.test's address while claiming api.example.com: the proxy
 		// resolves the claimed name itself and dials its address, never the app's.
 		evil := l.Accepted("198.18.1.20")
+		lg := from(p.side)
 		exit, body := p.app(t, appUID, "--resolve", "api.example.com:443:198.18.1.20", "https://api.example.com/")
 		if exit != 0 || !strings.Contains(body, "hello from 198.18.1.10") {
 			t.Fatalf("exit %d: %s", exit, body)
@@ -203,15 +215,20 @@ func TestSidecarTransparent(t *testing.T) {
 		if l.Accepted("198.18.1.20") != evil {
 			t.Fatal("the app-chosen address was dialed")
 		}
-		p.closeLine(t, fields("target", "api.example.com:443", "upstream", "198.18.1.10:443"))
+		// This connection's own lines: decided on the claimed name, dialed to its address.
+		d := lg.decision(t, cat(tr("tls", "target", "api.example.com:443", "sni", "api.example.com", "destination", "api.example.com"), allowed)...)
+		lg.closeOf(t, d, "upstream", "198.18.1.10:443")
 	})
 
 	t.Run("Host spoofing over plain HTTP", func(t *testing.T) {
 		evil := l.Accepted("198.18.1.20")
+		lg := from(p.side)
 		exit, body := p.app(t, appUID, "--resolve", "api.example.com:80:198.18.1.20", "http://api.example.com/")
 		if exit != 0 || !strings.Contains(body, "hello from 198.18.1.10") || l.Accepted("198.18.1.20") != evil {
 			t.Fatalf("exit %d: %s", exit, body)
 		}
+		d := lg.decision(t, cat(tr("http", "target", "api.example.com:80", "destination", "api.example.com"), allowed)...)
+		lg.closeOf(t, d, "upstream", "198.18.1.10:80")
 	})
 
 	t.Run("QUIC and other UDP are dropped", func(t *testing.T) {
@@ -232,40 +249,50 @@ func TestSidecarTransparent(t *testing.T) {
 		if n, _, err := udp.ReadFrom(make([]byte, 64)); err == nil {
 			t.Fatalf("UDP datagram of %d bytes left the pod", n)
 		}
-		out, _ := l.Pod.Run(ctx, "iptables", "-L", "EGRESS_GUARD_FILTER", "-v", "-n", "-x")
+		out, _ := l.Pod.Run(ctx, "iptables", "-L", contract.FilterChain, "-v", "-n", "-x")
 		if !strings.Contains(out, "DROP") {
 			t.Fatalf("no UDP drop rule:\n%s", out)
 		}
 	})
 
 	t.Run("DNS to the resolver still works", func(t *testing.T) {
+		lg := from(p.side)
 		exit, body := p.app(t, appUID, "-o", "/dev/null", "-w", "%{remote_ip}", "https://a.cdn.example.com/")
 		if exit != 0 || !strings.Contains(body, "198.18.1.11") {
 			t.Fatalf("exit %d: %s", exit, body)
 		}
+		lg.decision(t, cat(tr("tls", "target", "a.cdn.example.com:443", "sni", "a.cdn.example.com", "destination", "*.cdn.example.com"), allowed)...)
 	})
 
 	t.Run("IPv6 original destination", func(t *testing.T) {
+		lg := from(p.side)
 		exit, body := p.app(t, appUID, "https://v6only.example.com/")
 		if exit != 0 || !strings.Contains(body, "hello from fd00:18:1::14") {
 			t.Fatalf("exit %d: %s", exit, body)
 		}
-		p.closeLine(t, fields("target", "v6only.example.com:443", "upstream", "[fd00:18:1::14]:443"))
+		d := lg.decision(t, cat(tr("tls", "target", "v6only.example.com:443", "sni", "v6only.example.com", "destination", "v6only.example.com"), allowed)...)
+		lg.closeOf(t, d, "upstream", "[fd00:18:1::14]:443")
 		// A dual-stack name reached over IPv6: the app's address is in the proxy's answer,
 		// so it is kept.
+		lg = from(p.side)
 		if exit, body := p.app(t, appUID, "-6", "https://api.example.com/"); exit != 0 || !strings.Contains(body, "hello from fd00:18:1::10") {
 			t.Fatalf("-6 api.example.com: exit %d: %s", exit, body)
 		}
+		d = lg.decision(t, cat(tr("tls", "target", "api.example.com:443", "sni", "api.example.com", "destination", "api.example.com"), allowed)...)
+		lg.closeOf(t, d, "upstream", "[fd00:18:1::10]:443")
 		// No name: an IPv6 literal decided on the address itself.
+		lg = from(p.side)
 		exit, body = p.app(t, appUID, "-H", "Host:", "--http1.0", "http://[fd00:18:1::14]:80/")
 		if exit != 0 || !strings.Contains(body, "hello from fd00:18:1::14") {
 			t.Fatalf("IPv6 literal: exit %d: %s", exit, body)
 		}
-		p.closeLine(t, fields("target", "[fd00:18:1::14]:80", "upstream", "[fd00:18:1::14]:80", "destination", "fd00:18:1::/48"))
+		d = lg.decision(t, cat(tr("http", "target", "[fd00:18:1::14]:80", "destination", "fd00:18:1::/48"), allowed)...)
+		lg.closeOf(t, d, "upstream", "[fd00:18:1::14]:80")
 	})
 
 	t.Run("server-first protocol to an allowed address", func(t *testing.T) {
 		for _, target := range []string{"198.18.1.25:25", "198.18.1.10:7"} {
+			lg := from(p.side)
 			c, err := l.Pod.Dial("tcp", target, 3*time.Second)
 			if err != nil {
 				t.Fatal(err)
@@ -286,14 +313,20 @@ func TestSidecarTransparent(t *testing.T) {
 				}
 			}
 			c.Close()
+			// The banner port is decided when the client stays silent (server-first); the
+			// echo port when its first bytes carry no name (tcp).
+			protocol, rule := "server-first", "smtp.example.com:25"
+			if target == "198.18.1.10:7" {
+				protocol, rule = "tcp", "198.18.1.10:7"
+			}
+			d := lg.decision(t, cat(tr(protocol, "target", target, "destination", rule), allowed)...)
+			lg.closeOf(t, d, "upstream", target)
 		}
-		p.decision(t, fields("target", "198.18.1.25:25", "method", "server-first", "destination", "smtp.example.com:25"))
-		p.closeLine(t, fields("target", "198.18.1.10:7", "destination", "198.18.1.10:7"))
 	})
 
 	t.Run("proxy UID is not redirected", func(t *testing.T) {
 		before := l.Accepted("198.18.1.20")
-		n := len(p.side.Records("decision"))
+		lg := from(p.side)
 		exit, body := p.app(t, proxyUID, "http://198.18.1.20/")
 		if exit != 0 || !strings.Contains(body, "hello from 198.18.1.20") {
 			t.Fatalf("exit %d: %s", exit, body)
@@ -301,24 +334,27 @@ func TestSidecarTransparent(t *testing.T) {
 		if l.Accepted("198.18.1.20") != before+1 {
 			t.Fatal("the proxy UID's connection did not go straight out")
 		}
-		time.Sleep(200 * time.Millisecond)
-		if len(p.side.Records("decision")) != n {
-			t.Fatal("the proxy UID's own connection was captured")
-		}
+		// The proxy UID's own connection is not captured: the sidecar decides nothing.
+		lg.none(t, "decision")
 	})
 
 	t.Run("root without NET_ADMIN cannot escape", func(t *testing.T) {
 		before := l.Accepted("198.18.1.20")
-		for _, url := range []string{"https://evil.test/", "http://198.18.1.20/"} {
-			if exit, body := p.app(t, 0, url); exit == 0 {
-				t.Fatalf("%s as root: %s", url, body)
+		for _, tc := range []struct{ url, protocol, target string }{
+			{"https://evil.test/", "tls", "evil.test:443"},
+			{"http://198.18.1.20/", "http", "198.18.1.20:80"},
+		} {
+			lg := from(p.side)
+			if exit, body := p.app(t, 0, tc.url); exit == 0 {
+				t.Fatalf("%s as root: %s", tc.url, body)
 			}
+			lg.decision(t, cat(tr(tc.protocol, "target", tc.target), denied)...)
 		}
 		if l.Accepted("198.18.1.20") != before {
 			t.Fatal("root reached the denied host")
 		}
 		// Changing the rules needs NET_ADMIN, which the app does not have.
-		if _, err := l.Pod.Run(ctx, "setpriv", "--inh-caps=-all", "--bounding-set=-all", "--", "iptables", "-t", "nat", "-F", "EGRESS_GUARD_OUTPUT"); err == nil {
+		if _, err := l.Pod.Run(ctx, "setpriv", "--inh-caps=-all", "--bounding-set=-all", "--", "iptables", "-t", "nat", "-F", contract.NatChain); err == nil {
 			t.Fatal("root without NET_ADMIN flushed the capture chain")
 		}
 	})
@@ -342,18 +378,44 @@ func TestSidecarTransparent(t *testing.T) {
 	})
 
 	t.Run("explicit proxy on localhost for proxy-aware apps", func(t *testing.T) {
-		exit, body := p.app(t, appUID, "-x", "http://127.0.0.1:15002", "https://api.example.com/")
+		lg := from(p.side)
+		exit, body := p.app(t, appUID, "-x", fmt.Sprintf("http://127.0.0.1:%d", contract.ExplicitPort), "https://api.example.com/")
 		if exit != 0 || !strings.Contains(body, "(host api.example.com)") {
 			t.Fatalf("exit %d: %s", exit, body)
 		}
-		p.decision(t, fields("listener", "explicit", "identity", "shop", "target", "api.example.com:443", "action", "allowed"))
+		d := lg.decision(t, cat([]string{"listener", "explicit", "method", "CONNECT", "identity", "shop", "target", "api.example.com:443",
+			"sni", "api.example.com", "destination", "api.example.com"}, allowed)...)
+		lg.closeOf(t, d, "listener", "explicit", "method", "CONNECT")
+	})
+
+	t.Run("a name that does not exist reads the same on both listeners", func(t *testing.T) {
+		// Captured: the app connects to a real address but names a host that does not exist.
+		// The proxy resolves the name itself, finds nothing, and resets: action failed, not
+		// denied (the policy allowed it) and not allowed.
+		lg := from(p.side)
+		exit, body := p.app(t, appUID, "--resolve", "gone.nowhere.example.com:443:198.18.1.11", "https://gone.nowhere.example.com/")
+		if exit == 0 {
+			t.Fatalf("a name that does not exist answered: %s", body)
+		}
+		failed := []string{"target", "gone.nowhere.example.com:443", "destination", "*.nowhere.example.com", "action", "failed", "reason", "no_such_host", "status", "connection_failed"}
+		d := lg.decision(t, cat(tr("tls", "sni", "gone.nowhere.example.com"), failed)...)
+		lg.closeOf(t, d, "reason", "refused", "decision_reason", "no_such_host")
+
+		// Explicit: the same event, the same fields, and a 502 that names the reason.
+		lg = from(p.side)
+		exit, body = p.app(t, appUID, "-sS", "-o", "/dev/null", "-w", "%{http_connect}", "-x", fmt.Sprintf("http://127.0.0.1:%d", contract.ExplicitPort), "https://gone.nowhere.example.com/")
+		if exit == 0 || !strings.Contains(body, "502") {
+			t.Fatalf("explicit CONNECT to a missing name: exit %d, %s", exit, body)
+		}
+		d = lg.decision(t, cat([]string{"listener", "explicit", "method", "CONNECT", "identity", "shop"}, failed)...)
+		lg.closeOf(t, d, "reason", "refused", "decision_reason", "no_such_host")
 	})
 
 	t.Run("metrics count transparent decisions", func(t *testing.T) {
-		if v := metric(t, l, 15090, `egress_proxy_requests_total{destination="none",identity="shop",status="denied"}`); v < 1 {
+		if v := metric(t, l, contract.AdminPort, `egress_proxy_requests_total{destination="none",identity="shop",status="denied"}`); v < 1 {
 			t.Fatalf("denied = %v", v)
 		}
-		if v := metric(t, l, 15090, `egress_proxy_requests_total{destination="api.example.com",identity="shop",status="allowed"}`); v < 1 {
+		if v := metric(t, l, contract.AdminPort, `egress_proxy_requests_total{destination="api.example.com",identity="shop",status="allowed"}`); v < 1 {
 			t.Fatalf("allowed = %v", v)
 		}
 	})

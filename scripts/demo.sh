@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The main job: builds egress-guard, egress-guard-init and the demo, then plays a pod whose
+# The main job: builds egress-guard, egress-guard-init and the demo (cmd/egress-guard-demo,
+# which plays it with internal/demo on the lab of internal/netlab), then plays a pod whose
 # egress is captured and decided (transparent flow) next to the gateway (explicit proxy), on
 # examples/demo-policy.yaml, and prints what happened. Needs root (network namespaces,
 # iptables); installs the Debian packages it uses. Everything it creates is removed at the

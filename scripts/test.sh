@@ -11,9 +11,12 @@ unformatted=$(gofmt -l $(git ls-files '*.go' 2>/dev/null || find . -name '*.go' 
 if [ -n "$unformatted" ]; then echo "gofmt needed:"; echo "$unformatted"; exit 1; fi
 echo "== go vet"
 go vet ./...
-echo "== unit tests"
-go test -count=1 -race ./pkg/... ./sidecar/... ./cmd/... ./scripts/...
-echo "== e2e tests"
+echo "== go mod tidy"
+if ! go mod tidy -diff; then echo "go.mod/go.sum are not tidy: run go mod tidy"; exit 1; fi
+echo "== unit tests (every package but e2e/)"
+mapfile -t unit < <(go list ./... | grep -v -E '/e2e(/|$)')
+go test -count=1 -race "${unit[@]}"
+echo "== e2e tests (e2e/...)"
 log=$(mktemp /tmp/egress-guard-e2e.XXXXXX.log)
 if ! go test -count=1 -timeout 15m -v ./e2e/... >"$log" 2>&1; then
   grep -vE '^=== (RUN|PAUSE|CONT)' "$log" | tail -150

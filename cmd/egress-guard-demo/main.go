@@ -1,5 +1,5 @@
 // Command egress-guard-demo plays a pod with captured egress on this machine and reports what
-// egress-guard decided (see e2e/demo). Run it through scripts/demo.sh, which builds the
+// egress-guard decided (see internal/demo). Run it through scripts/demo.sh, which builds the
 // binaries and installs what it needs.
 package main
 
@@ -11,8 +11,8 @@ import (
 	"os/signal"
 	"syscall"
 
-	"github.com/egress-guard/egress-guard/e2e/demo"
-	"github.com/egress-guard/egress-guard/e2e/netlab"
+	"github.com/egress-guard/egress-guard/internal/demo"
+	"github.com/egress-guard/egress-guard/internal/netlab"
 )
 
 func main() {

@@ -1,5 +1,5 @@
 // Command egress-guard-init installs the pod's capture rules (the init container). See
-// init-container/cli for the flags.
+// init-container/cli for the flags, or run it with --help.
 package main
 
 import (

@@ -92,10 +92,28 @@ func legacyNatLoaded() bool {
 	return slices.Contains(strings.Fields(string(b)), "nat")
 }
 
+// IPTables is the subset of iptables operations the installer uses, one method per iptables
+// command, so that apply, verify and cleanup can be tested against an in-memory table.
+// *iptables.IPTables from github.com/coreos/go-iptables is the production implementation.
+type IPTables interface {
+	ListChains(table string) ([]string, error)                 // -S: the names of every chain
+	List(table, chain string) ([]string, error)                // -S chain: "-P"/"-N" line, then "-A" lines
+	NewChain(table, chain string) error                        // -N
+	ClearChain(table, chain string) error                      // -F (go-iptables tries -N first)
+	Append(table, chain string, rule ...string) error          // -A
+	Insert(table, chain string, pos int, rule ...string) error // -I
+	Exists(table, chain string, rule ...string) (bool, error)  // -C
+	Delete(table, chain string, rule ...string) error          // -D
+	DeleteChain(table, chain string) error                     // -X
+	RenameChain(table, oldChain, newChain string) error        // -E
+}
+
+var _ IPTables = (*iptables.IPTables)(nil)
+
 // Installer applies plans with one backend.
 type Installer struct {
 	Backend Backend
-	v4, v6  *iptables.IPTables
+	v4, v6  IPTables
 }
 
 // NewInstaller prepares the backend's commands for the families requested.
@@ -115,16 +133,28 @@ func NewInstaller(b Backend, families ...Family) (*Installer, error) {
 		if err != nil {
 			return nil, fmt.Errorf("%s: %w", cmd, err)
 		}
-		if fam == IPv4 {
-			in.v4 = ipt
-		} else {
-			in.v6 = ipt
-		}
+		in.set(fam, ipt)
 	}
 	return in, nil
 }
 
-func (in *Installer) ipt(fam Family) *iptables.IPTables {
+// NewInstallerWith returns an installer that uses ipt for one family (tests use an in-memory
+// implementation).
+func NewInstallerWith(b Backend, fam Family, ipt IPTables) *Installer {
+	in := &Installer{Backend: b}
+	in.set(fam, ipt)
+	return in
+}
+
+func (in *Installer) set(fam Family, ipt IPTables) {
+	if fam == IPv6 {
+		in.v6 = ipt
+	} else {
+		in.v4 = ipt
+	}
+}
+
+func (in *Installer) ipt(fam Family) IPTables {
 	if fam == IPv6 {
 		return in.v6
 	}
@@ -140,7 +170,13 @@ func (in *Installer) ipt(fam Family) *iptables.IPTables {
 func (in *Installer) Apply(p Plan) (changed bool, err error) {
 	ipt := in.ipt(p.Family)
 	for _, t := range p.Tables {
-		ok, err := in.matches(ipt, t)
+		tmp := t.Chain + "_NEW"
+		finished, err := finishCrashedRun(ipt, t.Table, t.Chain, tmp)
+		if err != nil {
+			return changed, explain(p.Family, t.Table, err)
+		}
+		changed = changed || finished
+		ok, err := matches(ipt, t)
 		if err != nil {
 			return changed, explain(p.Family, t.Table, err)
 		}
@@ -148,8 +184,7 @@ func (in *Installer) Apply(p Plan) (changed bool, err error) {
 			continue
 		}
 		changed = true
-		tmp := t.Chain + "_NEW"
-		if err := ipt.ClearChain(t.Table, tmp); err != nil { // creates it, or empties a leftover
+		if err := emptyChain(ipt, t.Table, tmp); err != nil { // creates it, or empties a leftover
 			return changed, explain(p.Family, t.Table, err)
 		}
 		for _, r := range t.Rules {
@@ -170,20 +205,41 @@ func (in *Installer) Apply(p Plan) (changed bool, err error) {
 	return changed, in.Verify(p)
 }
 
-// matches reports whether OUTPUT starts with our only jump and our chain holds the plan.
-func (in *Installer) matches(ipt *iptables.IPTables, t TablePlan) (bool, error) {
-	exists, err := ipt.ChainExists(t.Table, t.Chain)
+// finishCrashedRun completes a run that crashed after it jumped to its temporary chain: that
+// chain was complete when the jump was inserted, and the jump may be all that captures traffic
+// now, so it must be neither flushed nor unhooked. The crashed run's remaining steps are done
+// instead (remove the old chain and its jumps, rename the temporary one), which keeps OUTPUT
+// jumping to a complete chain throughout. A temporary chain without a jump (a crash while it
+// was being filled) is left for Apply to empty and refill.
+func finishCrashedRun(ipt IPTables, table, chain, tmp string) (bool, error) {
+	exists, err := chainExists(ipt, table, tmp)
 	if err != nil || !exists {
 		return false, err
 	}
-	if err := in.check(ipt, t); err != nil {
+	jumped, err := ipt.Exists(table, "OUTPUT", Jump(tmp)...)
+	if err != nil || !jumped {
+		return false, err
+	}
+	if err := removeChain(ipt, table, chain); err != nil {
+		return false, err
+	}
+	return true, ipt.RenameChain(table, tmp, chain)
+}
+
+// matches reports whether OUTPUT starts with our only jump and our chain holds the plan.
+func matches(ipt IPTables, t TablePlan) (bool, error) {
+	exists, err := chainExists(ipt, t.Table, t.Chain)
+	if err != nil || !exists {
+		return false, err
+	}
+	if err := check(ipt, t); err != nil {
 		return false, nil
 	}
 	return true, nil
 }
 
 // check compares the live rules with the plan.
-func (in *Installer) check(ipt *iptables.IPTables, t TablePlan) error {
+func check(ipt IPTables, t TablePlan) error {
 	out, err := ipt.List(t.Table, "OUTPUT")
 	if err != nil {
 		return err
@@ -217,30 +273,51 @@ func (in *Installer) check(ipt *iptables.IPTables, t TablePlan) error {
 func (in *Installer) Verify(p Plan) error {
 	ipt := in.ipt(p.Family)
 	for _, t := range p.Tables {
-		if err := in.check(ipt, t); err != nil {
+		if err := check(ipt, t); err != nil {
 			return fmt.Errorf("verify %s %s rules with %s backend: %w", p.Family, t.Table, in.Backend, err)
 		}
 	}
 	return nil
 }
 
-// Cleanup removes our jumps and chains (and a temporary chain a crashed run left) from both
-// tables of a family, and nothing else. Removing what is not there is not an error.
-func (in *Installer) Cleanup(fam Family) error {
-	ipt := in.ipt(fam)
-	for _, t := range []struct{ table, chain string }{{"nat", NatChain}, {"filter", FilterChain}} {
-		for _, c := range []string{t.chain, t.chain + "_NEW"} {
-			if err := removeChain(ipt, t.table, c); err != nil {
-				return explain(fam, t.table, err)
+// Cleanup removes our jumps and chains (and a temporary chain a crashed run left) from every
+// table of the plan, and nothing else. Removing what is not there is not an error. Only the
+// plan's tables and chain names are used, not its rules, so any plan of the family will do.
+func (in *Installer) Cleanup(p Plan) error {
+	ipt := in.ipt(p.Family)
+	for _, t := range p.Tables {
+		for _, c := range []string{t.Chain, t.Chain + "_NEW"} {
+			if err := removeChain(ipt, t.Table, c); err != nil {
+				return explain(p.Family, t.Table, err)
 			}
 		}
 	}
 	return nil
 }
 
+func chainExists(ipt IPTables, table, chain string) (bool, error) {
+	chains, err := ipt.ListChains(table)
+	if err != nil {
+		return false, err
+	}
+	return slices.Contains(chains, chain), nil
+}
+
+// emptyChain creates chain, or flushes it if it exists.
+func emptyChain(ipt IPTables, table, chain string) error {
+	exists, err := chainExists(ipt, table, chain)
+	if err != nil {
+		return err
+	}
+	if exists {
+		return ipt.ClearChain(table, chain)
+	}
+	return ipt.NewChain(table, chain)
+}
+
 // removeChain deletes every jump from OUTPUT to chain, then the chain.
-func removeChain(ipt *iptables.IPTables, table, chain string) error {
-	exists, err := ipt.ChainExists(table, chain)
+func removeChain(ipt IPTables, table, chain string) error {
+	exists, err := chainExists(ipt, table, chain)
 	if err != nil || !exists {
 		return err // no chain, so no jump to it can exist either
 	}
@@ -256,7 +333,10 @@ func removeChain(ipt *iptables.IPTables, table, chain string) error {
 			return err
 		}
 	}
-	return ipt.ClearAndDeleteChain(table, chain)
+	if err := ipt.ClearChain(table, chain); err != nil {
+		return err
+	}
+	return ipt.DeleteChain(table, chain)
 }
 
 // explain turns the usual failures into one line that says what is missing.

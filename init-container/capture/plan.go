@@ -13,12 +13,8 @@ import (
 	"net/netip"
 	"strconv"
 	"strings"
-)
 
-// Chain names. The nat chain redirects; the filter chain drops what must not leave directly.
-const (
-	NatChain    = "EGRESS_GUARD_OUTPUT"
-	FilterChain = "EGRESS_GUARD_FILTER"
+	"github.com/egress-guard/egress-guard/pkg/contract"
 )
 
 // UDP policies for non-DNS UDP from the app.
@@ -134,8 +130,8 @@ func BuildPlan(cfg Config, fam Family) Plan {
 		filter = append(filter, Rule{"-p", "udp", "-j", "REJECT", "--reject-with", unreach})
 	}
 	return Plan{Family: fam, Tables: []TablePlan{
-		{Table: "nat", Chain: NatChain, Rules: nat},
-		{Table: "filter", Chain: FilterChain, Rules: filter},
+		{Table: "nat", Chain: contract.NatChain, Rules: nat},          // redirects
+		{Table: "filter", Chain: contract.FilterChain, Rules: filter}, // drops what must not leave directly
 	}}
 }
 

@@ -16,6 +16,8 @@ import (
 
 	"github.com/egress-guard/egress-guard/init-container/capture"
 	"github.com/egress-guard/egress-guard/init-container/selftest"
+	"github.com/egress-guard/egress-guard/pkg/contract"
+	"github.com/egress-guard/egress-guard/pkg/settings"
 )
 
 // Options are the parsed flags.
@@ -27,143 +29,107 @@ type Options struct {
 	Backend  string
 }
 
+// Environment variables of the installer's own switches (the ones the pod contract shares are
+// in pkg/contract).
+const (
+	EnvIPTablesBackend = "IPTABLES_BACKEND"
+	EnvDryRun          = "DRY_RUN"
+	EnvCleanup         = "CLEANUP"
+	EnvSelfTest        = "SELF_TEST"
+)
+
+const name = contract.InitContainer
+
+// declare returns the installer's settings, each writing into o. resolvConf is named in the
+// usage of --dns-servers, whose empty default means "the nameservers of resolvConf".
+func declare(o *Options, resolvConf string) *settings.Set {
+	var s settings.Set
+	c := &o.Config
+	s.Func(contract.EnvProxyUID, "proxy-uid", strconv.Itoa(contract.ProxyUID),
+		"UID of the sidecar, whose traffic is not captured; 0 is refused", func(v string) error {
+			n, err := strconv.ParseUint(v, 10, 32)
+			switch {
+			case err != nil:
+				return errors.New("want a number")
+			case n == 0:
+				return errors.New("0 would exempt every root process from capture")
+			}
+			c.ProxyUID = uint32(n)
+			return nil
+		})
+	s.Uint32(&c.ProxyGID, contract.EnvProxyGID, "proxy-gid", strconv.Itoa(contract.ProxyGID), "GID of the sidecar")
+	s.Port(&c.RedirectPort, contract.EnvRedirectPort, "redirect-port", strconv.Itoa(contract.TransparentPort), "the sidecar's transparent port")
+	s.Prefixes(&c.ExcludeCIDRs, contract.EnvExcludeCIDRs, "exclude-cidrs", "", "comma-separated destination CIDRs not captured")
+	s.Ports(&c.ExcludePorts, contract.EnvExcludePorts, "exclude-ports", "", "comma-separated destination TCP ports not captured")
+	s.Addrs(&c.DNSServers, contract.EnvDNSServers, "dns-servers", "", "comma-separated resolvers DNS may go to; default: the nameservers of "+resolvConf)
+	s.OneOf(&c.UDPPolicy, []string{capture.UDPDrop, capture.UDPReject, capture.UDPAllow}, contract.EnvUDPPolicy, "udp-policy", capture.UDPDrop,
+		"non-DNS UDP: drop (QUIC falls back to TCP, which is captured), reject or allow")
+	s.OneOf(&o.Backend, []string{"auto", string(capture.BackendNFT), string(capture.BackendLegacy)}, EnvIPTablesBackend, "iptables-backend", "auto",
+		"auto (look at which nat table holds rules), nft or legacy")
+	s.Bool(&o.DryRun, EnvDryRun, "dry-run", "false", "print the plan and change nothing")
+	s.Bool(&o.Cleanup, EnvCleanup, "cleanup", "false", "remove egress-guard's rules and nothing else")
+	s.Bool(&o.SelfTest, EnvSelfTest, "self-test", "true", "after applying, prove redirection works")
+	return &s
+}
+
 // Parse reads flags, with environment variables as defaults. resolvConf is read for the DNS
-// servers when none are given.
+// servers when none are given. --help returns flag.ErrHelp.
 func Parse(args []string, getenv func(string) string, resolvConf string) (Options, error) {
-	fs := flag.NewFlagSet("egress-guard-init", flag.ContinueOnError)
-	fs.SetOutput(io.Discard)
-	env := func(name, def string) string {
-		if v := getenv(name); v != "" {
-			return v
-		}
-		return def
-	}
-	uid := fs.String("proxy-uid", env("PROXY_UID", "15337"), "UID of the sidecar, whose traffic is not captured (env PROXY_UID)")
-	gid := fs.String("proxy-gid", env("PROXY_GID", "15337"), "GID of the sidecar (env PROXY_GID)")
-	port := fs.String("redirect-port", env("REDIRECT_PORT", "15001"), "the sidecar's transparent port (env REDIRECT_PORT)")
-	cidrs := fs.String("exclude-cidrs", env("EXCLUDE_CIDRS", ""), "comma-separated destination CIDRs not captured (env EXCLUDE_CIDRS)")
-	ports := fs.String("exclude-ports", env("EXCLUDE_PORTS", ""), "comma-separated destination TCP ports not captured (env EXCLUDE_PORTS)")
-	dns := fs.String("dns-servers", env("DNS_SERVERS", ""), "comma-separated resolvers DNS may go to; default: nameservers of "+resolvConf+" (env DNS_SERVERS)")
-	udp := fs.String("udp-policy", env("UDP_POLICY", capture.UDPDrop), "non-DNS UDP: drop, reject or allow (env UDP_POLICY)")
-	backend := fs.String("iptables-backend", env("IPTABLES_BACKEND", "auto"), "auto, nft or legacy (env IPTABLES_BACKEND)")
-	dry := fs.Bool("dry-run", envBool(getenv, "DRY_RUN"), "print the plan and change nothing (env DRY_RUN)")
-	clean := fs.Bool("cleanup", envBool(getenv, "CLEANUP"), "remove egress-guard's rules and nothing else (env CLEANUP)")
-	self := fs.Bool("self-test", !envFalse(getenv, "SELF_TEST"), "after applying, prove redirection works (env SELF_TEST)")
-	if err := fs.Parse(args); err != nil {
+	var o Options
+	if err := declare(&o, resolvConf).Load(name, args, getenv); err != nil {
 		return Options{}, err
 	}
-	if fs.NArg() > 0 {
-		return Options{}, fmt.Errorf("unexpected argument %q", fs.Arg(0))
-	}
-	var o Options
-	var errs []string
-	bad := func(flag, v, why string) { errs = append(errs, fmt.Sprintf("--%s=%q: %s", flag, v, why)) }
-	if n, err := strconv.ParseUint(*uid, 10, 32); err != nil {
-		bad("proxy-uid", *uid, "want a number")
-	} else {
-		o.Config.ProxyUID = uint32(n)
-	}
-	if n, err := strconv.ParseUint(*gid, 10, 32); err != nil {
-		bad("proxy-gid", *gid, "want a number")
-	} else {
-		o.Config.ProxyGID = uint32(n)
-	}
-	if o.Config.ProxyUID == 0 {
-		bad("proxy-uid", *uid, "0 would exempt every root process from capture")
-	}
-	if n, err := strconv.ParseUint(*port, 10, 16); err != nil || n == 0 {
-		bad("redirect-port", *port, "want a port 1-65535")
-	} else {
-		o.Config.RedirectPort = uint16(n)
-	}
-	for _, f := range split(*cidrs) {
-		p, err := netip.ParsePrefix(f)
+	if len(o.Config.DNSServers) == 0 {
+		servers, err := nameservers(resolvConf)
 		if err != nil {
-			bad("exclude-cidrs", f, "want a CIDR")
-			continue
+			return Options{}, err
 		}
-		o.Config.ExcludeCIDRs = append(o.Config.ExcludeCIDRs, p.Masked())
-	}
-	for _, f := range split(*ports) {
-		n, err := strconv.ParseUint(f, 10, 16)
-		if err != nil || n == 0 {
-			bad("exclude-ports", f, "want a port 1-65535")
-			continue
-		}
-		o.Config.ExcludePorts = append(o.Config.ExcludePorts, uint16(n))
-	}
-	servers := split(*dns)
-	if len(servers) == 0 {
-		s, err := nameservers(resolvConf)
-		if err != nil {
-			errs = append(errs, err.Error())
-		}
-		servers = s
-	}
-	for _, f := range servers {
-		a, err := netip.ParseAddr(f)
-		if err != nil {
-			bad("dns-servers", f, "want an IP address")
-			continue
-		}
-		o.Config.DNSServers = append(o.Config.DNSServers, a.Unmap())
-	}
-	switch *udp {
-	case capture.UDPDrop, capture.UDPReject, capture.UDPAllow:
-		o.Config.UDPPolicy = *udp
-	default:
-		bad("udp-policy", *udp, "want drop, reject or allow")
-	}
-	switch *backend {
-	case "auto", "nft", "legacy":
-		o.Backend = *backend
-	default:
-		bad("iptables-backend", *backend, "want auto, nft or legacy")
-	}
-	o.DryRun, o.Cleanup, o.SelfTest = *dry, *clean, *self
-	if len(errs) > 0 {
-		return Options{}, errors.New(strings.Join(errs, "; "))
+		o.Config.DNSServers = servers
 	}
 	return o, nil
 }
 
-func envBool(getenv func(string) string, name string) bool {
-	v, _ := strconv.ParseBool(getenv(name))
-	return v
+// PrintUsage writes the --help text.
+func PrintUsage(w io.Writer, resolvConf string) {
+	fmt.Fprintf(w, "Usage: %s [flags]\n\n", name)
+	fmt.Fprintf(w, "Installs, verifies and self-tests the iptables rules that send the pod's outbound TCP to\n")
+	fmt.Fprintf(w, "the egress-guard sidecar. Each flag can also be set by its environment variable; a flag wins.\n\n")
+	declare(new(Options), resolvConf).PrintUsage(w)
+	fmt.Fprintf(w, "\nExit codes: 0 done, 1 failed, 2 bad usage.\n")
 }
 
-func envFalse(getenv func(string) string, name string) bool {
-	v, err := strconv.ParseBool(getenv(name))
-	return err == nil && !v
-}
-
-func split(s string) []string {
-	var out []string
-	for _, f := range strings.Split(s, ",") {
-		if f = strings.TrimSpace(f); f != "" {
-			out = append(out, f)
-		}
-	}
-	return out
-}
-
-// nameservers reads the nameserver lines of a resolv.conf.
-func nameservers(path string) ([]string, error) {
+// nameservers reads the nameserver lines of a resolv.conf (dropping an IPv6 zone).
+func nameservers(path string) ([]netip.Addr, error) {
 	f, err := os.Open(path)
 	if err != nil {
 		return nil, fmt.Errorf("read DNS servers from %s (or give --dns-servers): %w", path, err)
 	}
 	defer f.Close()
-	var out []string
+	var out []netip.Addr
+	var bad []string
 	sc := bufio.NewScanner(f)
 	for sc.Scan() {
 		fields := strings.Fields(sc.Text())
 		if len(fields) >= 2 && fields[0] == "nameserver" {
-			out = append(out, strings.SplitN(fields[1], "%", 2)[0])
+			v := strings.SplitN(fields[1], "%", 2)[0]
+			a, err := netip.ParseAddr(v)
+			if err != nil {
+				bad = append(bad, fmt.Sprintf("%q", fields[1]))
+				continue
+			}
+			out = append(out, a.Unmap())
 		}
 	}
-	return out, sc.Err()
+	if err := sc.Err(); err != nil {
+		return nil, fmt.Errorf("read DNS servers from %s (or give --dns-servers): %w", path, err)
+	}
+	if len(bad) > 0 {
+		return nil, fmt.Errorf("nameserver in %s: %s: want an IP address (or give --dns-servers)", path, strings.Join(bad, ", "))
+	}
+	return out, nil
 }
+
+const defaultResolvConf = "/etc/resolv.conf"
 
 // Main runs the program and returns its exit code: 0 done, 1 failed, 2 bad usage.
 func Main(args []string, stdout, stderr io.Writer) int {
@@ -174,7 +140,11 @@ func Main(args []string, stdout, stderr io.Writer) int {
 		}
 		return 0
 	}
-	o, err := Parse(args, os.Getenv, "/etc/resolv.conf")
+	o, err := Parse(args, os.Getenv, defaultResolvConf)
+	if errors.Is(err, flag.ErrHelp) {
+		PrintUsage(stdout, defaultResolvConf)
+		return 0
+	}
 	if err != nil {
 		fmt.Fprintln(stderr, "egress-guard-init:", err)
 		return 2
@@ -230,11 +200,11 @@ func run(o Options, out io.Writer) error {
 	}
 
 	if o.Cleanup {
-		if err := in4.Cleanup(capture.IPv4); err != nil {
+		if err := in4.Cleanup(capture.BuildPlan(o.Config, capture.IPv4)); err != nil {
 			return err
 		}
 		if in6 != nil {
-			if err := in6.Cleanup(capture.IPv6); err != nil {
+			if err := in6.Cleanup(capture.BuildPlan(o.Config, capture.IPv6)); err != nil {
 				return err
 			}
 		}

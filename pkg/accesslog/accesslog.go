@@ -11,13 +11,8 @@ import (
 	"log/slog"
 	"net/netip"
 	"time"
-)
 
-// Actions.
-const (
-	ActionAllowed = "allowed"
-	ActionDenied  = "denied"
-	ActionAudit   = "audit" // allowed only because the identity is in audit mode
+	"github.com/egress-guard/egress-guard/pkg/outcome"
 )
 
 // Record describes one proxied connection (a CONNECT tunnel, a forwarded HTTP request or a
@@ -26,19 +21,20 @@ type Record struct {
 	ID          uint64
 	Listener    string // "explicit" or "transparent"
 	Client      netip.AddrPort
-	Method      string
+	Method      string // the HTTP method, on the explicit listener
+	Protocol    string // what a captured connection started with: tls, http, server-first, tcp
 	Identity    string // policy identity, "unknown" for an unknown credential, "none" without one
 	Target      string // host:port the client asked for (CONNECT authority, URL host, SNI/Host)
 	SNI         string
 	Destination string // matched policy entry, or "none"
-	Action      string
-	Reason      string
-	Status      string // the egress_proxy_requests_total status
+	Action      outcome.Action
+	Reason      outcome.Reason // why the decision came out as it did
+	Status      outcome.Status // the egress_proxy_requests_total status
 	Upstream    netip.AddrPort
 	Start       time.Time
 	BytesUp     int64 // client to destination
 	BytesDown   int64 // destination to client
-	CloseReason string
+	CloseReason outcome.CloseReason
 }
 
 // Logger writes decision and close lines.
@@ -50,17 +46,17 @@ func New(l *slog.Logger) *Logger { return &Logger{l: l} }
 // Decision logs the decision line.
 func (lg *Logger) Decision(r *Record) {
 	level := slog.LevelInfo
-	if r.Action == ActionDenied {
+	if !r.Action.Proceeds() {
 		level = slog.LevelWarn
 	}
-	lg.l.LogAttrs(context.Background(), level, "decision", r.common(r.Reason)...)
+	lg.l.LogAttrs(context.Background(), level, "decision", r.common(r.Reason.String())...)
 }
 
 // Close logs the close line. Its reason is why the connection ended (closed, idle_timeout,
 // drain, ...); the decision's reason is repeated as decision_reason.
 func (lg *Logger) Close(r *Record) {
-	attrs := append(r.common(r.CloseReason),
-		slog.String("decision_reason", r.Reason),
+	attrs := append(r.common(r.CloseReason.String()),
+		slog.String("decision_reason", r.Reason.String()),
 		slog.Int64("bytes_up", r.BytesUp),
 		slog.Int64("bytes_down", r.BytesDown),
 		slog.Int64("duration_ms", time.Since(r.Start).Milliseconds()),
@@ -74,13 +70,20 @@ func (r *Record) common(reason string) []slog.Attr {
 		slog.Uint64("conn", r.ID),
 		slog.String("listener", r.Listener),
 		slog.String("client", r.Client.String()),
-		slog.String("method", r.Method),
+	)
+	if r.Method != "" {
+		attrs = append(attrs, slog.String("method", r.Method))
+	}
+	if r.Protocol != "" {
+		attrs = append(attrs, slog.String("protocol", r.Protocol))
+	}
+	attrs = append(attrs,
 		slog.String("identity", r.Identity),
 		slog.String("target", r.Target),
 		slog.String("destination", r.Destination),
-		slog.String("action", r.Action),
+		slog.String("action", r.Action.String()),
 		slog.String("reason", reason),
-		slog.String("status", r.Status),
+		slog.String("status", r.Status.String()),
 	)
 	if r.SNI != "" {
 		attrs = append(attrs, slog.String("sni", r.SNI))

@@ -9,6 +9,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/egress-guard/egress-guard/pkg/outcome"
 )
 
 type syncBuf struct {
@@ -34,13 +36,13 @@ func TestDecisionAndCloseLines(t *testing.T) {
 	lg := New(slog.New(slog.NewJSONHandler(bw, nil)))
 	r := &Record{ID: 3, Listener: "explicit", Client: netip.MustParseAddrPort("198.18.0.1:5000"), Method: "CONNECT",
 		Identity: "frontend-services", Target: "api.example.com:443", Destination: "api.example.com",
-		Action: ActionAllowed, Reason: "rule", Status: "allowed", Start: time.Now()}
+		Action: outcome.Allowed, Reason: outcome.Rule, Status: outcome.StatusAllowed, Start: time.Now()}
 	lg.Decision(r)
 	if out.String() != "" {
 		t.Fatal("buffered line written before a flush")
 	}
 	r.Upstream = netip.MustParseAddrPort("198.18.1.10:443")
-	r.BytesUp, r.BytesDown, r.CloseReason = 10, 20, "closed"
+	r.BytesUp, r.BytesDown, r.CloseReason = 10, 20, outcome.Closed
 	lg.Close(r)
 	bw.Close()
 	lines := strings.Split(strings.TrimSpace(out.String()), "\n")
@@ -50,7 +52,8 @@ func TestDecisionAndCloseLines(t *testing.T) {
 	var d, c map[string]any
 	json.Unmarshal([]byte(lines[0]), &d)
 	json.Unmarshal([]byte(lines[1]), &c)
-	if d["msg"] != "decision" || d["reason"] != "rule" || d["identity"] != "frontend-services" || d["upstream"] != nil {
+	if d["msg"] != "decision" || d["reason"] != "rule" || d["action"] != "allowed" || d["status"] != "allowed" ||
+		d["method"] != "CONNECT" || d["protocol"] != nil || d["identity"] != "frontend-services" || d["upstream"] != nil {
 		t.Errorf("decision line %v", d)
 	}
 	if c["msg"] != "close" || c["reason"] != "closed" || c["decision_reason"] != "rule" || c["bytes_up"] != 10.0 ||

@@ -35,13 +35,30 @@ func NewResolver(server string) *net.Resolver {
 	}
 }
 
+// Resolver is what Lookup needs of a resolver; *net.Resolver is one.
+type Resolver interface {
+	LookupNetIP(ctx context.Context, network, host string) ([]netip.Addr, error)
+}
+
 // Lookup resolves host to its IPv4 and IPv6 addresses, unmapped and without duplicates, in
 // the resolver's order. An IP literal is returned as is.
-func Lookup(ctx context.Context, r *net.Resolver, host string) ([]netip.Addr, error) {
+//
+// A name with a dot is queried as an absolute name (with a trailing dot), so the resolv.conf
+// search list is never applied to it: with Kubernetes' ndots:5, "api.example.com" would
+// otherwise first be asked as "api.example.com.<namespace>.svc.cluster.local", and whoever
+// answers a name under a search domain would decide where an allowed name's connections go.
+// A single-label name ("localhost", a Service name) is asked as given: the search list and the
+// hosts file are how it resolves at all. (Go's resolver consults the hosts file only for names
+// without the trailing dot, so multi-label hosts-file entries are not used.)
+func Lookup(ctx context.Context, r Resolver, host string) ([]netip.Addr, error) {
 	if a, err := netip.ParseAddr(host); err == nil {
 		return []netip.Addr{a.Unmap()}, nil
 	}
-	addrs, err := r.LookupNetIP(ctx, "ip", host)
+	fqdn := host
+	if strings.Contains(strings.TrimSuffix(host, "."), ".") && !strings.HasSuffix(host, ".") {
+		fqdn += "."
+	}
+	addrs, err := r.LookupNetIP(ctx, "ip", fqdn)
 	if err != nil {
 		var de *net.DNSError
 		if errors.As(err, &de) && de.IsNotFound {

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"net"
 	"net/netip"
+	"strings"
 	"testing"
 	"time"
 
@@ -129,5 +130,26 @@ func TestDialTimeout(t *testing.T) {
 	}
 	if _, _, err := Dial(context.Background(), &net.Dialer{}, nil, port, time.Second); err == nil {
 		t.Fatal("dial with no addresses succeeded")
+	}
+}
+
+type recordingResolver struct{ asked []string }
+
+func (r *recordingResolver) LookupNetIP(_ context.Context, _, host string) ([]netip.Addr, error) {
+	r.asked = append(r.asked, host)
+	return []netip.Addr{netip.MustParseAddr("198.18.1.10")}, nil
+}
+
+// A name is asked as an absolute name, so no resolv.conf search domain can answer for it.
+func TestLookupAsksTheAbsoluteName(t *testing.T) {
+	r := &recordingResolver{}
+	for _, h := range []string{"api.example.com", "api.example.com.", "localhost"} {
+		if _, err := Lookup(context.Background(), r, h); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// A single-label name keeps the search list and the hosts file: it resolves no other way.
+	if strings.Join(r.asked, ",") != "api.example.com.,api.example.com.,localhost" {
+		t.Fatalf("asked %q, want the absolute name twice, then localhost as given", r.asked)
 	}
 }

@@ -15,16 +15,6 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 )
 
-// Status values of egress_proxy_requests_total, as in the original.
-const (
-	StatusAllowed          = "allowed"
-	StatusDenied           = "denied"
-	StatusAuthRequired     = "auth_required"
-	StatusBadRequest       = "bad_request"
-	StatusConnectionFailed = "connection_failed"
-	StatusSNIMismatch      = "sni_mismatch"
-)
-
 // Metrics holds the collectors and the registry that serves them.
 type Metrics struct {
 	Registry *prometheus.Registry
@@ -85,7 +75,7 @@ func New() *Metrics {
 		}, []string{"identity", "direction"}),
 		ConnectionsClosed: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "egress_proxy_connections_closed_total",
-			Help: "Relayed connections closed, by close reason.",
+			Help: "Client connections closed, by close reason (refused ones included).",
 		}, []string{"reason"}),
 		LastReloadSuccessful: prometheus.NewGauge(prometheus.GaugeOpts{
 			Name: "egress_proxy_config_last_reload_successful",

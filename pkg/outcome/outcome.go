@@ -33,24 +33,24 @@ type Reason uint8
 
 // Decision reasons.
 const (
-	Rule                Reason = iota + 1 // a rule of the identity allows it
-	NoMatchingRule                        // no rule of the identity names the destination
-	InternalAddress                       // it resolves only to addresses the identity may not reach
-	NoCredentials                         // no or unusable Proxy-Authorization
-	UnknownAPIKey                         // an API key no identity has
-	UnknownIdentity                       // the configured identity is not in the policy
-	NoOriginalDst                         // the kernel could not say where a captured connection went
-	ProxyLoop                             // a captured connection addressed to the proxy itself
-	NoPolicy                              // no policy is loaded yet
-	NoSuchHost                            // the name does not exist
-	ResolveFailed                         // resolution failed for another reason (timeout, SERVFAIL)
-	MalformedRequest                      // the request could not be parsed or names no valid target
-	HeaderTooLarge                        // the request head exceeds the bound
-	TunnelLimit                           // the concurrent connection cap is reached
-	Draining                              // the proxy is shutting down
-	SNIMismatch                           // the ClientHello names another host than CONNECT did
-	SNIMissing                            // the ClientHello names no host
-	NoClientHello                         // a TLS port's tunnel did not start with a ClientHello
+	Rule             Reason = iota + 1 // a rule of the identity allows it
+	NoMatchingRule                     // no rule of the identity names the destination
+	InternalAddress                    // it resolves only to addresses the identity may not reach
+	NoCredentials                      // no or unusable Proxy-Authorization
+	UnknownAPIKey                      // an API key no identity has
+	UnknownIdentity                    // the configured identity is not in the policy
+	NoOriginalDst                      // the kernel could not say where a captured connection went
+	ProxyLoop                          // a captured connection addressed to the proxy itself
+	NoPolicy                           // no policy is loaded yet
+	NoSuchHost                         // the name does not exist
+	ResolveFailed                      // resolution failed for another reason (timeout, SERVFAIL)
+	MalformedRequest                   // the request could not be parsed or names no valid target
+	HeaderTooLarge                     // the request head exceeds the bound
+	TunnelLimit                        // the concurrent connection cap is reached
+	Draining                           // the proxy is shutting down
+	SNIMismatch                        // the ClientHello names another host than CONNECT did
+	SNIMissing                         // the ClientHello names no host
+	NoClientHello                      // a TLS port's tunnel did not start with a ClientHello
 	numReasons
 )
 
@@ -123,14 +123,14 @@ type CloseReason uint8
 
 // Close reasons.
 const (
-	Closed      CloseReason = iota + 1 // both sides finished normally
-	Reset                              // a side failed or reset the connection
-	IdleTimeout                        // no byte moved for the idle timeout
-	Drain                              // closed by shutdown at the end of the drain budget
-	Refused                            // the proxy refused it before any upstream connection (see the decision)
-	DialFailed                         // the upstream refused or was unreachable
-	DialTimeout                        // the upstream did not answer in time
-	UpstreamError                      // the upstream's HTTP response was missing or malformed
+	Closed        CloseReason = iota + 1 // both sides finished normally
+	Reset                                // a side failed or reset the connection
+	IdleTimeout                          // no byte moved for the idle timeout
+	Drain                                // closed by shutdown at the end of the drain budget
+	Refused                              // the proxy refused it before any upstream connection (see the decision)
+	DialFailed                           // the upstream refused or was unreachable
+	DialTimeout                          // the upstream did not answer in time
+	UpstreamError                        // the upstream's HTTP response was missing or malformed
 	numCloseReasons
 )
 

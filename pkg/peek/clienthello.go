@@ -12,6 +12,8 @@ import (
 	"fmt"
 	"net"
 	"time"
+
+	"github.com/egress-guard/egress-guard/pkg/hostname"
 )
 
 // Errors.
@@ -40,10 +42,16 @@ const (
 
 // ClientHello is what the proxy needs from a ClientHello.
 type ClientHello struct {
-	ServerName string // SNI host_name, lowercased, one trailing dot removed; "" if absent
-	ECH        bool   // encrypted_client_hello present: the outer name is not authoritative
-	ALPN       []string
-	Version    uint16 // legacy_version
+	// ServerName is the SNI host_name normalised by hostname.Normalize (lower-case, one
+	// trailing dot removed). It is "" when there is no host_name, and also when the host_name
+	// is not a valid host name (an IP literal, a numeric last label, a bad byte...): such a
+	// value is never a name to decide on. RawServerName tells the two cases apart.
+	ServerName string
+	// RawServerName is the host_name exactly as sent (any bytes, up to 64 KiB); "" if absent.
+	RawServerName string
+	ECH           bool // encrypted_client_hello present: the outer name is not authoritative
+	ALPN          []string
+	Version       uint16 // legacy_version
 }
 
 // ParseClientHello parses the TLS records at the start of data and returns the ClientHello
@@ -174,11 +182,12 @@ func parseHello(msg []byte) (*ClientHello, error) {
 		seen[typ] = true
 		switch typ {
 		case extServerName:
-			name, err := parseSNI(body)
+			raw, err := parseSNI(body)
 			if err != nil {
 				return nil, err
 			}
-			h.ServerName = name
+			h.RawServerName = raw
+			h.ServerName = serverName(raw)
 		case extALPN:
 			protos, err := parseALPN(body)
 			if err != nil {
@@ -192,12 +201,14 @@ func parseHello(msg []byte) (*ClientHello, error) {
 	return &h, nil
 }
 
+// parseSNI returns the host_name of a server_name extension as sent. Only the framing is
+// checked here: a malformed list, an empty host_name or two host_names are errors.
 func parseSNI(body reader) (string, error) {
 	list, ok := body.vec16()
 	if !ok || len(body) != 0 || len(list) == 0 {
 		return "", errMalformed("server_name list")
 	}
-	name := ""
+	var name reader
 	for len(list) > 0 {
 		typ, ok1 := list.u8()
 		v, ok2 := list.vec16()
@@ -207,51 +218,26 @@ func parseSNI(body reader) (string, error) {
 		if typ != 0 {
 			continue // unknown name types are ignored, as RFC 6066 clients never send them
 		}
-		if name != "" {
+		if len(v) == 0 {
+			return "", errMalformed("empty host_name")
+		}
+		if name != nil {
 			return "", errors.New("peek: more than one host_name in server_name")
 		}
-		n, err := validSNI(v)
-		if err != nil {
-			return "", err
-		}
-		name = n
+		name = v
 	}
-	return name, nil
+	return string(name), nil
 }
 
-// validSNI accepts an ASCII host name (RFC 6066: no IP literals, no trailing dot in
-// principle, which is tolerated and removed) and lowercases it.
-func validSNI(v []byte) (string, error) {
-	if len(v) > 0 && v[len(v)-1] == '.' {
-		v = v[:len(v)-1]
+// serverName is the name an SNI host_name stands for: its normal form, or "" when it is not a
+// valid host name. RFC 6066 allows neither IP literals nor a trailing dot; the dot is
+// tolerated and removed, as clients do send it.
+func serverName(raw string) string {
+	name, err := hostname.Normalize(raw)
+	if err != nil {
+		return ""
 	}
-	if len(v) == 0 || len(v) > 253 {
-		return "", errors.New("peek: SNI length out of range")
-	}
-	b := make([]byte, len(v))
-	label := 0
-	for i, c := range v {
-		switch {
-		case c >= 'A' && c <= 'Z':
-			c += 'a' - 'A'
-		case c >= 'a' && c <= 'z', c >= '0' && c <= '9', c == '-', c == '_':
-		case c == '.':
-			if label == 0 {
-				return "", errors.New("peek: SNI has an empty label")
-			}
-			label = 0
-			b[i] = c
-			continue
-		default:
-			return "", fmt.Errorf("peek: SNI has invalid byte 0x%02x", c)
-		}
-		label++
-		if label > 63 {
-			return "", errors.New("peek: SNI label longer than 63 bytes")
-		}
-		b[i] = c
-	}
-	return string(b), nil
+	return name
 }
 
 func parseALPN(body reader) ([]string, error) {

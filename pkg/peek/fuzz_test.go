@@ -3,11 +3,15 @@ package peek
 import (
 	"crypto/tls"
 	"errors"
+	"strings"
 	"testing"
+
+	"github.com/egress-guard/egress-guard/pkg/hostname"
 )
 
 // FuzzParseClientHello: no panic; a success is stable under truncation (every shorter
-// prefix is incomplete or an error, never a different name), and the name obeys the rules.
+// prefix is incomplete or an error, never a different name), and the name is the raw
+// host_name's normal form, or "" when that is not a valid host name.
 func FuzzParseClientHello(f *testing.F) {
 	f.Add(captureHello(f, &tls.Config{ServerName: "api.example.com", NextProtos: []string{"h2"}}))
 	f.Add(captureHello(f, &tls.Config{InsecureSkipVerify: true}))
@@ -19,17 +23,20 @@ func FuzzParseClientHello(f *testing.F) {
 		if err != nil {
 			return
 		}
+		if want, err := hostname.Normalize(h.RawServerName); err != nil && h.ServerName != "" || err == nil && h.ServerName != want {
+			t.Fatalf("raw SNI %q gave name %q; Normalize: %q, %v", h.RawServerName, h.ServerName, want, err)
+		}
 		if h.ServerName != "" {
-			if _, err := validSNI([]byte(h.ServerName)); err != nil {
-				t.Fatalf("accepted invalid SNI %q: %v", h.ServerName, err)
+			if again, err := hostname.Normalize(h.ServerName); err != nil || again != h.ServerName {
+				t.Fatalf("name %q is not normal: %q, %v", h.ServerName, again, err)
 			}
 		}
 		for _, cut := range []int{len(data) / 2, len(data) - 1} {
 			if cut < 0 {
 				continue
 			}
-			if h2, err := ParseClientHello(data[:cut]); err == nil && h2.ServerName != h.ServerName {
-				t.Fatalf("prefix %d parsed to %q, whole to %q", cut, h2.ServerName, h.ServerName)
+			if h2, err := ParseClientHello(data[:cut]); err == nil && (h2.ServerName != h.ServerName || h2.RawServerName != h.RawServerName) {
+				t.Fatalf("prefix %d parsed to %q (%q), whole to %q (%q)", cut, h2.ServerName, h2.RawServerName, h.ServerName, h.RawServerName)
 			}
 		}
 	})
@@ -49,6 +56,11 @@ func FuzzParseHTTPRequestHead(f *testing.F) {
 		}
 		if r.Proto != "HTTP/1.0" && r.Proto != "HTTP/1.1" || r.Method == "" || r.Target == "" {
 			t.Fatalf("accepted %+v", r)
+		}
+		if r.Name != "" {
+			if again, err := hostname.Normalize(r.Name); err != nil || again != r.Name || !strings.Contains(strings.ToLower(r.Host), r.Name) {
+				t.Fatalf("Host %q gave name %q: %q, %v", r.Host, r.Name, again, err)
+			}
 		}
 		end, _ := headEnd(data)
 		if _, err := ParseHTTPRequestHead(data[:end], 4096); !errors.Is(err, ErrNeedMore) {

@@ -5,6 +5,8 @@ import (
 	"errors"
 	"fmt"
 	"strings"
+
+	"github.com/egress-guard/egress-guard/pkg/hostname"
 )
 
 // HTTPRequest is what the proxy needs from an HTTP/1.x request head.
@@ -13,6 +15,10 @@ type HTTPRequest struct {
 	Target string // request-target as sent
 	Host   string // Host header, or the authority of an absolute-form target; port kept
 	Proto  string // "HTTP/1.0" or "HTTP/1.1"
+	// Name is Host's host part (no port, no brackets) normalised by hostname.Normalize. It
+	// is "" when there is no Host, when Host names an IP address, and when it is not a valid
+	// host name or has a malformed port: such a Host is never a name to decide on.
+	Name string
 }
 
 // Protocol is what the first bytes of a connection look like.
@@ -130,7 +136,28 @@ func ParseHTTPRequestHead(data []byte, maxHead int) (*HTTPRequest, error) {
 		return nil, errors.New("peek: HTTP/1.1 request without Host")
 	}
 	req.Host = host
+	req.Name = hostName(host)
 	return req, nil
+}
+
+// hostName returns the normalised name in a Host value (uri-host [":" port]), or "".
+func hostName(h string) string {
+	if h == "" || h[0] == '[' {
+		return "" // empty, or an IP literal (IPv6 or IPvFuture)
+	}
+	if i := strings.LastIndexByte(h, ':'); i >= 0 {
+		for j := i + 1; j < len(h); j++ {
+			if h[j] < '0' || h[j] > '9' {
+				return ""
+			}
+		}
+		h = h[:i]
+	}
+	name, err := hostname.Normalize(h)
+	if err != nil {
+		return ""
+	}
+	return name
 }
 
 // headEnd finds the blank line that ends the head: CRLF CRLF, or bare LF LF as net/http

@@ -169,15 +169,36 @@ func TestRejects(t *testing.T) {
 	if _, err := ParseClientHello(bad); err == nil || errors.Is(err, ErrNeedMore) {
 		t.Errorf("lying session id length: %v", err)
 	}
-	for _, sni := range []string{"a..b", "a b", "\x00evil", strings.Repeat("a", 64) + ".com"} {
-		ext := []byte{0, byte(len(sni) + 3), 0, 0, byte(len(sni))}
-		ext = append(ext, sni...)
-		if _, err := parseSNI(reader(ext)); err == nil {
-			t.Errorf("SNI %q accepted", sni)
-		}
+	// An empty host_name is malformed framing.
+	if _, err := parseSNI(reader([]byte{0, 3, 0, 0, 0})); err == nil {
+		t.Error("empty host_name accepted")
 	}
 	if _, err := ParseClientHello(withExtension(raw, extServerName, []byte{0, 3, 0, 0, 0})); err == nil {
 		t.Error("duplicate server_name extension accepted")
+	}
+}
+
+// A host_name that is not a valid host name is kept raw but never becomes ServerName.
+func TestInvalidSNINotAName(t *testing.T) {
+	raw := captureHello(t, &tls.Config{InsecureSkipVerify: true}) // no server_name extension
+	for sni, want := range map[string]string{
+		"a..b":                                   "",
+		"a b":                                    "",
+		"\x00evil":                               "",
+		strings.Repeat("a", 64) + ".com":         "",
+		"198.18.1.10":                            "",
+		"foo.123":                                "",
+		"2001:db8::1":                            "",
+		"b\xc3\xbccher.example":                  "",
+		"OK.Example.com.":                        "ok.example.com",
+		"_svc._tcp.example.com":                  "_svc._tcp.example.com",
+		strings.Repeat("a", 63) + ".example.com": strings.Repeat("a", 63) + ".example.com",
+	} {
+		body := []byte{byte((len(sni) + 3) >> 8), byte(len(sni) + 3), 0, byte(len(sni) >> 8), byte(len(sni))}
+		h, err := ParseClientHello(withExtension(raw, extServerName, append(body, sni...)))
+		if err != nil || h.ServerName != want || h.RawServerName != sni {
+			t.Errorf("SNI %q: %+v %v, want name %q", sni, h, err, want)
+		}
 	}
 }
 
@@ -201,12 +222,19 @@ func TestReadClientHelloTimeoutAndBound(t *testing.T) {
 
 func TestParseHTTPRequestHead(t *testing.T) {
 	good := map[string]HTTPRequest{
-		"GET /x HTTP/1.1\r\nHost: api.example.com\r\nAccept: */*\r\n\r\n":      {"GET", "/x", "api.example.com", "HTTP/1.1"},
-		"POST /x HTTP/1.1\nHost: a.example.com:8080\n\nbody":                   {"POST", "/x", "a.example.com:8080", "HTTP/1.1"},
-		"GET http://a.example.com/p HTTP/1.1\r\nHost: a.example.com\r\n\r\n":   {"GET", "http://a.example.com/p", "a.example.com", "HTTP/1.1"},
-		"GET http://b.example.com/p HTTP/1.1\r\n\r\n":                          {"GET", "http://b.example.com/p", "b.example.com", "HTTP/1.1"},
-		"GET / HTTP/1.0\r\n\r\n":                                               {"GET", "/", "", "HTTP/1.0"},
-		"GET / HTTP/1.1\r\nHost: a.example.com\r\nhost: A.example.com\r\n\r\n": {"GET", "/", "a.example.com", "HTTP/1.1"},
+		"GET /x HTTP/1.1\r\nHost: api.example.com\r\nAccept: */*\r\n\r\n":      {Method: "GET", Target: "/x", Host: "api.example.com", Proto: "HTTP/1.1", Name: "api.example.com"},
+		"POST /x HTTP/1.1\nHost: a.example.com:8080\n\nbody":                   {Method: "POST", Target: "/x", Host: "a.example.com:8080", Proto: "HTTP/1.1", Name: "a.example.com"},
+		"GET http://a.example.com/p HTTP/1.1\r\nHost: a.example.com\r\n\r\n":   {Method: "GET", Target: "http://a.example.com/p", Host: "a.example.com", Proto: "HTTP/1.1", Name: "a.example.com"},
+		"GET http://b.example.com/p HTTP/1.1\r\n\r\n":                          {Method: "GET", Target: "http://b.example.com/p", Host: "b.example.com", Proto: "HTTP/1.1", Name: "b.example.com"},
+		"GET / HTTP/1.0\r\n\r\n":                                               {Method: "GET", Target: "/", Host: "", Proto: "HTTP/1.0"},
+		"GET / HTTP/1.1\r\nHost: a.example.com\r\nhost: A.example.com\r\n\r\n": {Method: "GET", Target: "/", Host: "a.example.com", Proto: "HTTP/1.1", Name: "a.example.com"},
+		"GET / HTTP/1.1\r\nHost: API.Example.COM.:443\r\n\r\n":                 {Method: "GET", Target: "/", Host: "API.Example.COM.:443", Proto: "HTTP/1.1", Name: "api.example.com"},
+		"GET / HTTP/1.1\r\nHost: 198.18.0.1:80\r\n\r\n":                        {Method: "GET", Target: "/", Host: "198.18.0.1:80", Proto: "HTTP/1.1"},
+		"GET / HTTP/1.1\r\nHost: [2001:db8::1]:80\r\n\r\n":                     {Method: "GET", Target: "/", Host: "[2001:db8::1]:80", Proto: "HTTP/1.1"},
+		"GET / HTTP/1.1\r\nHost: foo.123\r\n\r\n":                              {Method: "GET", Target: "/", Host: "foo.123", Proto: "HTTP/1.1"},
+		"GET / HTTP/1.1\r\nHost: a..b\r\n\r\n":                                 {Method: "GET", Target: "/", Host: "a..b", Proto: "HTTP/1.1"},
+		"GET / HTTP/1.1\r\nHost: a.example.com:x\r\n\r\n":                      {Method: "GET", Target: "/", Host: "a.example.com:x", Proto: "HTTP/1.1"},
+		"GET / HTTP/1.1\r\nHost: b\xc3\xbccher.example\r\n\r\n":                {Method: "GET", Target: "/", Host: "b\xc3\xbccher.example", Proto: "HTTP/1.1"},
 	}
 	for in, want := range good {
 		got, err := ParseHTTPRequestHead([]byte(in), 8192)

@@ -7,7 +7,7 @@ import (
 	"strconv"
 	"strings"
 
-	"golang.org/x/net/idna"
+	"github.com/egress-guard/egress-guard/pkg/hostname"
 )
 
 // RuleKind says how a rule matches.
@@ -96,18 +96,21 @@ func parseDestination(s string) (*Rule, error) {
 	case host == "*" || host == "*." || host == "**":
 		return nil, errors.New("bare wildcard is not allowed: it would allow every destination")
 	case strings.HasPrefix(host, "*."):
-		suffix, err := normaliseName(host[2:])
+		suffix, err := hostname.NormalizePolicy(host[2:])
 		if err != nil {
 			return nil, err
 		}
 		if !strings.Contains(suffix, ".") {
 			return nil, fmt.Errorf("wildcard covers a whole top-level domain (%q)", suffix)
 		}
+		if len(suffix) > hostname.MaxLength-2 {
+			return nil, fmt.Errorf("wildcard suffix longer than %d bytes: no valid name fits below it", hostname.MaxLength-2)
+		}
 		r.Kind, r.Host = KindSuffix, suffix
 	case strings.Contains(host, "*"):
 		return nil, errors.New("a wildcard is allowed only as a leading \"*.\" label")
 	default:
-		name, err := normaliseName(host)
+		name, err := hostname.NormalizePolicy(host)
 		if err != nil {
 			return nil, err
 		}
@@ -185,64 +188,6 @@ func parsePort(s string) (uint16, error) {
 		return 0, fmt.Errorf("port %q is not in 1-65535", s)
 	}
 	return uint16(n), nil
-}
-
-// normaliseName lowercases, strips one trailing dot, converts internationalised names to
-// their ASCII (punycode) form, and validates the result: labels of letters, digits, hyphens
-// and underscores (service names use them), 1-63 bytes, 253 in all, and a last label that is
-// not all digits (that would be an IP address in disguise).
-func normaliseName(h string) (string, error) {
-	h = strings.TrimSuffix(h, ".")
-	if !isASCII(h) {
-		a, err := idna.Lookup.ToASCII(h)
-		if err != nil {
-			return "", fmt.Errorf("invalid internationalised name: %v", err)
-		}
-		h = a
-	}
-	h = strings.ToLower(h)
-	if err := validateName(h); err != nil {
-		return "", err
-	}
-	return h, nil
-}
-
-func validateName(h string) error {
-	if h == "" {
-		return errors.New("empty name")
-	}
-	if len(h) > 253 {
-		return errors.New("name longer than 253 bytes")
-	}
-	labels := strings.Split(h, ".")
-	for _, l := range labels {
-		if l == "" {
-			return errors.New("empty label")
-		}
-		if len(l) > 63 {
-			return errors.New("label longer than 63 bytes")
-		}
-		for i := 0; i < len(l); i++ {
-			c := l[i]
-			if !(c >= 'a' && c <= 'z' || c >= '0' && c <= '9' || c == '-' || c == '_') {
-				return fmt.Errorf("invalid character %q in name", c)
-			}
-		}
-	}
-	last := labels[len(labels)-1]
-	if strings.Trim(last, "0123456789") == "" {
-		return errors.New("last label is numeric: not a name (and not a valid IP address)")
-	}
-	return nil
-}
-
-func isASCII(s string) bool {
-	for i := 0; i < len(s); i++ {
-		if s[i] >= 0x80 {
-			return false
-		}
-	}
-	return true
 }
 
 // cleanErr drops netip's quoting of the whole input, which the caller prints already.

@@ -3,6 +3,8 @@ package policy
 import (
 	"net/netip"
 	"sort"
+
+	"github.com/egress-guard/egress-guard/pkg/hostname"
 )
 
 // Identity is one workload identity and its compiled rules.
@@ -55,11 +57,13 @@ func sortedDesc(m map[int]bool) []int {
 }
 
 // MatchName returns the rule that allows host:port, or nil. Exact rules come first, then
-// suffix rules from the longest suffix to the shortest. The host is compared
-// case-insensitively and without one trailing dot; an IP literal never matches a name rule.
+// suffix rules from the longest suffix to the shortest. The host is normalised with
+// hostname.Normalize (case-insensitive, one trailing dot ignored; no allocation when it is
+// normal already): a host that is not a valid name, such as an IP literal or a name with a
+// numeric last label, never matches a name rule.
 func (id *Identity) MatchName(host string, port uint16) *Rule {
-	host = canonicalHost(host)
-	if host == "" || looksNumeric(host) {
+	host, err := hostname.Normalize(host)
+	if err != nil {
 		return nil
 	}
 	if r := firstForPort(id.exact[host], port); r != nil {
@@ -105,38 +109,4 @@ func firstForPort(rules []*Rule, port uint16) *Rule {
 		}
 	}
 	return nil
-}
-
-// canonicalHost lowercases and drops one trailing dot, allocating only when it must.
-func canonicalHost(h string) string {
-	if n := len(h); n > 0 && h[n-1] == '.' {
-		h = h[:n-1]
-	}
-	for i := 0; i < len(h); i++ {
-		if c := h[i]; c >= 'A' && c <= 'Z' {
-			b := []byte(h)
-			for j := i; j < len(b); j++ {
-				if b[j] >= 'A' && b[j] <= 'Z' {
-					b[j] += 'a' - 'A'
-				}
-			}
-			return string(b)
-		}
-	}
-	return h
-}
-
-// looksNumeric reports a host whose last label is all digits or that contains a colon: an IP
-// literal, which only address rules may match.
-func looksNumeric(h string) bool {
-	i := len(h) - 1
-	for ; i >= 0 && h[i] != '.'; i-- {
-		if h[i] == ':' {
-			return true
-		}
-		if h[i] < '0' || h[i] > '9' {
-			return false
-		}
-	}
-	return true
 }

@@ -277,7 +277,7 @@ func (s *Set) PrintUsage(w io.Writer) {
 
 // CheckDocumented reports the settings that a Markdown document does not describe: each must
 // appear in a table row that names its environment variable in backquotes and, when it has a
-// default, shows that default. It keeps README tables honest.
+// default, shows that default in backquotes too. It keeps README tables honest.
 func (s *Set) CheckDocumented(markdown string) error {
 	var rows []string
 	for _, l := range strings.Split(markdown, "\n") {
@@ -289,7 +289,7 @@ func (s *Set) CheckDocumented(markdown string) error {
 	for _, st := range s.list {
 		found := false
 		for _, r := range rows {
-			if strings.Contains(r, "`"+st.Env+"`") && (st.Default == "" || strings.Contains(r, st.Default)) {
+			if strings.Contains(r, "`"+st.Env+"`") && (st.Default == "" || strings.Contains(r, "`"+st.Default+"`")) {
 				found = true
 				break
 			}

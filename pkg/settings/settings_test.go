@@ -9,22 +9,17 @@ import (
 
 func env(m map[string]string) func(string) string { return func(k string) string { return m[k] } }
 
-func declare() (*Set, *struct {
+type values struct {
 	port  uint16
 	d     time.Duration
 	n     int
 	b     bool
 	s     string
 	cidrs []netip.Prefix
-}) {
-	v := &struct {
-		port  uint16
-		d     time.Duration
-		n     int
-		b     bool
-		s     string
-		cidrs []netip.Prefix
-	}{}
+}
+
+func declare() (*Set, *values) {
+	v := &values{}
 	var set Set
 	set.Port(&v.port, "PORT", "port", "4750", "a port")
 	set.Duration(&v.d, "WAIT", "", "5s", "a duration")
@@ -76,9 +71,13 @@ func TestEveryBadValueIsReportedWithItsSource(t *testing.T) {
 
 func TestCheckDocumented(t *testing.T) {
 	set, _ := declare()
-	doc := "| `PORT` | `4750` | x |\n| `WAIT` | `5s` |\n| `N` | 10 |\n| `ON` | false |\n| `CHOICE` | a |\n| `CIDRS` | none |\n"
+	doc := "| `PORT` | `4750` | x |\n| `WAIT` | `5s` |\n| `N` | `10` |\n| `ON` | `false` |\n| `CHOICE` | `a` |\n| `CIDRS` | none |\n"
 	if err := set.CheckDocumented(doc); err != nil {
 		t.Fatal(err)
+	}
+	// A default shown without backquotes, or a different one, does not count.
+	if err := set.CheckDocumented(strings.Replace(doc, "`10`", "10", 1)); err == nil || !strings.Contains(err.Error(), "N (") {
+		t.Fatalf("unquoted default accepted: %v", err)
 	}
 	err := set.CheckDocumented(strings.Replace(doc, "`5s`", "`6s`", 1))
 	if err == nil || !strings.Contains(err.Error(), "WAIT") || strings.Contains(err.Error(), "PORT") {

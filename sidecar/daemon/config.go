@@ -1,8 +1,10 @@
-// Package daemon runs egress-guard: it reads the configuration from the environment, loads and
-// watches the policy, serves the proxy and the admin endpoints, and drains on SIGTERM.
+// Package daemon runs the proxy program, as the gateway or as the sidecar: it reads the
+// configuration from the environment, loads and watches the policy, serves the listeners and
+// the admin endpoints, and drains on SIGTERM.
 package daemon
 
 import (
+	"errors"
 	"fmt"
 	"log/slog"
 	"net/netip"
@@ -10,7 +12,9 @@ import (
 	"strings"
 	"time"
 
+	"github.com/egress-guard/egress-guard/pkg/contract"
 	"github.com/egress-guard/egress-guard/pkg/policy"
+	"github.com/egress-guard/egress-guard/pkg/settings"
 )
 
 // Config is the daemon's configuration. The first five settings and their defaults are the
@@ -47,167 +51,90 @@ type Config struct {
 
 // Modes.
 const (
-	ModeGateway = "gateway"
-	ModeSidecar = "sidecar"
+	ModeGateway = contract.ModeGateway
+	ModeSidecar = contract.ModeSidecar
 )
+
+// Settings declares every setting of the proxy program for a mode (the defaults of the ports
+// differ): the one place its environment variables, defaults and parsers are written down.
+func Settings(c *Config, mode string) *settings.Set {
+	proxyPort, metricsPort := contract.GatewayProxyPort, contract.GatewayAdminPort
+	if mode == ModeSidecar {
+		// The explicit listener serves only this pod's proxy-aware apps, on loopback; ports
+		// that do not collide with common application ports.
+		proxyPort, metricsPort = contract.ExplicitPort, contract.AdminPort
+	}
+	var s settings.Set
+	s.OneOf(&c.Mode, []string{ModeGateway, ModeSidecar}, contract.EnvMode, "", ModeGateway, "gateway or sidecar")
+	s.Port(&c.ProxyPort, contract.EnvProxyPort, "", strconv.Itoa(proxyPort), "explicit proxy listener port")
+	s.Port(&c.MetricsPort, contract.EnvMetricsPort, "", strconv.Itoa(metricsPort), "/health, /ready and /metrics port")
+	s.String(&c.PolicyPath, contract.EnvPolicyPath, "", "/etc/config/egress-policy.yaml", "policy file")
+	s.Func("WATCH_INTERVAL", "", "5", "policy poll interval: seconds, or a duration such as 500ms", func(v string) error {
+		// The original takes whole seconds; a Go duration is accepted too.
+		if n, err := strconv.Atoi(v); err == nil && n > 0 {
+			c.WatchInterval = time.Duration(n) * time.Second
+			return nil
+		}
+		if d, err := time.ParseDuration(v); err == nil && d > 0 {
+			c.WatchInterval = d
+			return nil
+		}
+		return errors.New("want seconds (5) or a duration (500ms)")
+	})
+	s.Func("LOG_LEVEL", "", "INFO", "DEBUG, INFO, WARN or ERROR", func(v string) error {
+		if err := c.LogLevel.UnmarshalText([]byte(v)); err != nil {
+			return errors.New("want DEBUG, INFO, WARN or ERROR")
+		}
+		return nil
+	})
+	s.Func("LISTEN_ADDR", "", "", "IP address to bind the gateway's listeners to", func(v string) error {
+		if _, err := netip.ParseAddr(v); err != nil {
+			return errors.New("want an IP address")
+		}
+		c.ListenAddr = v
+		return nil
+	})
+	s.String(&c.Resolver, "RESOLVER", "", "", "DNS server host:port used to resolve destinations")
+	s.Ports(&c.TLSPorts, "TLS_PORTS", "", "443,8443", "CONNECT ports whose tunnels must start with a matching ClientHello")
+	s.Prefixes(&c.InternalCIDRs, "INTERNAL_CIDRS", "", "", "extra internal ranges")
+	s.Func("INTERNAL_DOMAINS", "", strings.Join(policy.DefaultInternalDomains, ","), "private-use DNS suffixes whose exact names may reach private addresses; none for no suffix", func(v string) error {
+		c.InternalDomains = nil
+		if v != "none" {
+			c.InternalDomains = settings.SplitList(v)
+		}
+		return nil
+	})
+	s.Duration(&c.IdleTimeout, "IDLE_TIMEOUT", "", "5m", "close a connection idle this long")
+	s.PositiveInt(&c.MaxTunnels, "MAX_TUNNELS", "", "10000", "concurrent connection cap")
+	s.Duration(&c.HeaderTimeout, "HEADER_TIMEOUT", "", "10s", "time to send the request head")
+	s.PositiveInt(&c.MaxHeaderBytes, "MAX_HEADER_BYTES", "", "32768", "bound on the request head")
+	s.Duration(&c.PeekTimeout, "PEEK_TIMEOUT", "", "5s", "time to send the ClientHello")
+	s.Duration(&c.DialTimeout, "DIAL_TIMEOUT", "", "10s", "resolve, then connect, each within this")
+	s.Duration(&c.DrainTimeout, "DRAIN_TIMEOUT", "", "25s", "drain budget on SIGTERM")
+	s.Duration(&c.DrainIdle, "DRAIN_IDLE_TIMEOUT", "", "5s", "while draining, idle connections close after this")
+	s.Port(&c.TransparentPort, contract.EnvTransparentPort, "", strconv.Itoa(contract.TransparentPort), "sidecar: where the capture rules redirect")
+	s.String(&c.Identity, contract.EnvIdentity, "", "", "sidecar: the policy identity of this pod")
+	s.Duration(&c.ServerFirstTimeout, "SERVER_FIRST_TIMEOUT", "", "500ms", "sidecar: wait for the client's first bytes before deciding on the address")
+	s.Duration(&c.KnownAddrsInterval, "NAME_REFRESH_INTERVAL", "", "30s", "sidecar: re-resolve the identity's exact-name rules")
+	return &s
+}
 
 // FromEnv reads the configuration through getenv (os.Getenv in production). Every malformed
 // value is an error naming the variable; nothing falls back silently.
 func FromEnv(getenv func(string) string) (Config, error) {
-	c := Config{
-		Mode:            ModeGateway,
-		ProxyPort:       4750,
-		MetricsPort:     9090,
-		PolicyPath:      "/etc/config/egress-policy.yaml",
-		WatchInterval:   5 * time.Second,
-		LogLevel:        slog.LevelInfo,
-		DrainTimeout:    25 * time.Second,
-		DrainIdle:       5 * time.Second,
-		IdleTimeout:     5 * time.Minute,
-		MaxTunnels:      10000,
-		TLSPorts:        []uint16{443, 8443},
-		HeaderTimeout:   10 * time.Second,
-		MaxHeaderBytes:  32 << 10,
-		PeekTimeout:     5 * time.Second,
-		DialTimeout:     10 * time.Second,
-		InternalDomains: policy.DefaultInternalDomains,
-
-		TransparentPort:    15001,
-		ServerFirstTimeout: 500 * time.Millisecond,
-		KnownAddrsInterval: 30 * time.Second,
-	}
-	var errs []string
-	fail := func(name, v, why string) { errs = append(errs, fmt.Sprintf("%s=%q: %s", name, v, why)) }
-
-	port := func(name string, dst *uint16) {
-		if v := getenv(name); v != "" {
-			p, err := strconv.ParseUint(v, 10, 16)
-			if err != nil || p == 0 {
-				fail(name, v, "want a port number 1-65535")
-				return
-			}
-			*dst = uint16(p)
+	var c Config
+	mode := strings.ToLower(getenv(contract.EnvMode))
+	lower := func(name string) string {
+		if name == contract.EnvMode {
+			return mode
 		}
+		return getenv(name)
 	}
-	duration := func(name string, dst *time.Duration) {
-		if v := getenv(name); v != "" {
-			d, err := time.ParseDuration(v)
-			if err != nil || d <= 0 {
-				fail(name, v, "want a positive duration such as 30s")
-				return
-			}
-			*dst = d
-		}
+	if err := Settings(&c, mode).Load("egress-guard", nil, lower); err != nil {
+		return Config{}, fmt.Errorf("configuration: %w", err)
 	}
-	integer := func(name string, dst *int) {
-		if v := getenv(name); v != "" {
-			n, err := strconv.Atoi(v)
-			if err != nil || n <= 0 {
-				fail(name, v, "want a positive integer")
-				return
-			}
-			*dst = n
-		}
-	}
-
-	switch v := strings.ToLower(getenv("MODE")); v {
-	case "", ModeGateway:
-	case ModeSidecar:
-		// Ports that do not collide with common application ports; the explicit listener
-		// serves only this pod's proxy-aware apps, on loopback.
-		c.Mode, c.ProxyPort, c.MetricsPort = ModeSidecar, 15002, 15090
-	default:
-		fail("MODE", v, "want gateway or sidecar")
-	}
-	port("TRANSPARENT_PORT", &c.TransparentPort)
-	c.Identity = getenv("IDENTITY")
 	if c.Mode == ModeSidecar && c.Identity == "" {
-		errs = append(errs, "IDENTITY: required in sidecar mode (the policy identity of this pod)")
-	}
-	duration("SERVER_FIRST_TIMEOUT", &c.ServerFirstTimeout)
-	duration("NAME_REFRESH_INTERVAL", &c.KnownAddrsInterval)
-	port("PROXY_PORT", &c.ProxyPort)
-	port("METRICS_PORT", &c.MetricsPort)
-	if v := getenv("CONFIGMAP_PATH"); v != "" {
-		c.PolicyPath = v
-	}
-	if v := getenv("WATCH_INTERVAL"); v != "" {
-		// The original takes whole seconds; a Go duration is accepted too.
-		if n, err := strconv.Atoi(v); err == nil && n > 0 {
-			c.WatchInterval = time.Duration(n) * time.Second
-		} else if d, err := time.ParseDuration(v); err == nil && d > 0 {
-			c.WatchInterval = d
-		} else {
-			fail("WATCH_INTERVAL", v, "want seconds (5) or a duration (500ms)")
-		}
-	}
-	if v := getenv("LOG_LEVEL"); v != "" {
-		if err := c.LogLevel.UnmarshalText([]byte(v)); err != nil {
-			fail("LOG_LEVEL", v, "want DEBUG, INFO, WARN or ERROR")
-		}
-	}
-	if v := getenv("LISTEN_ADDR"); v != "" {
-		if _, err := netip.ParseAddr(v); err != nil {
-			fail("LISTEN_ADDR", v, "want an IP address")
-		} else {
-			c.ListenAddr = v
-		}
-	}
-	c.Resolver = getenv("RESOLVER")
-	duration("DRAIN_TIMEOUT", &c.DrainTimeout)
-	duration("DRAIN_IDLE_TIMEOUT", &c.DrainIdle)
-	duration("IDLE_TIMEOUT", &c.IdleTimeout)
-	duration("HEADER_TIMEOUT", &c.HeaderTimeout)
-	duration("PEEK_TIMEOUT", &c.PeekTimeout)
-	duration("DIAL_TIMEOUT", &c.DialTimeout)
-	integer("MAX_TUNNELS", &c.MaxTunnels)
-	integer("MAX_HEADER_BYTES", &c.MaxHeaderBytes)
-	if v := getenv("TLS_PORTS"); v != "" {
-		c.TLSPorts = nil
-		for _, f := range splitList(v) {
-			p, err := strconv.ParseUint(f, 10, 16)
-			if err != nil || p == 0 {
-				fail("TLS_PORTS", v, "want comma-separated port numbers")
-				break
-			}
-			c.TLSPorts = append(c.TLSPorts, uint16(p))
-		}
-	}
-	if v := getenv("INTERNAL_CIDRS"); v != "" {
-		for _, f := range splitList(v) {
-			p, err := netip.ParsePrefix(f)
-			if err != nil || p != p.Masked() {
-				fail("INTERNAL_CIDRS", v, "want comma-separated masked CIDRs such as 203.0.113.0/24")
-				break
-			}
-			c.InternalCIDRs = append(c.InternalCIDRs, p)
-		}
-	}
-	if v, ok := lookup(getenv, "INTERNAL_DOMAINS"); ok {
-		c.InternalDomains = splitList(v)
-	}
-	if len(errs) > 0 {
-		return Config{}, fmt.Errorf("configuration: %s", strings.Join(errs, "; "))
+		return Config{}, fmt.Errorf("configuration: %s: required in sidecar mode (the policy identity of this pod)", contract.EnvIdentity)
 	}
 	return c, nil
-}
-
-// lookup distinguishes an empty value (no implicit internal domains) from an unset one. The
-// getenv signature cannot, so "none" spells an empty list.
-func lookup(getenv func(string) string, name string) (string, bool) {
-	v := getenv(name)
-	if v == "none" {
-		return "", true
-	}
-	return v, v != ""
-}
-
-func splitList(v string) []string {
-	var out []string
-	for _, f := range strings.Split(v, ",") {
-		if f = strings.TrimSpace(f); f != "" {
-			out = append(out, f)
-		}
-	}
-	return out
 }

@@ -3,6 +3,7 @@ package daemon
 import (
 	"log/slog"
 	"net/netip"
+	"os"
 	"strings"
 	"testing"
 	"time"
@@ -53,6 +54,32 @@ func TestFromEnvRejectsEveryBadValue(t *testing.T) {
 	for _, name := range []string{"PROXY_PORT", "WATCH_INTERVAL", "LOG_LEVEL", "DRAIN_TIMEOUT", "INTERNAL_CIDRS", "MAX_TUNNELS", "LISTEN_ADDR"} {
 		if !strings.Contains(err.Error(), name) {
 			t.Errorf("error does not name %s: %v", name, err)
+		}
+	}
+}
+
+// The README's configuration tables describe every setting with its default: the declaration
+// is the one source, and the documentation is checked against it.
+func TestREADMEDocumentsEverySetting(t *testing.T) {
+	readme, err := os.ReadFile("../../README.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, mode := range []string{ModeGateway, ModeSidecar} {
+		var c Config
+		set := Settings(&c, mode)
+		if mode == ModeSidecar {
+			// The sidecar's port defaults are documented in the sidecar table's own row.
+			for _, env := range []string{"PROXY_PORT", "METRICS_PORT"} {
+				st := set.Lookup(env)
+				if !strings.Contains(string(readme), "`"+st.Default+"`") {
+					t.Errorf("sidecar default %s=%s not in the README", env, st.Default)
+				}
+			}
+			continue
+		}
+		if err := set.CheckDocumented(string(readme)); err != nil {
+			t.Error(err)
 		}
 	}
 }

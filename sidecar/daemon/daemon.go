@@ -54,7 +54,7 @@ func Run(ctx context.Context, cfg Config, out io.Writer) error {
 	for _, p := range cfg.TLSPorts {
 		tlsPorts[p] = true
 	}
-	srv := proxy.New(proxy.Config{
+	srv, err := proxy.New(proxy.Config{
 		Policy:             watcher.Current,
 		Classifier:         addrclass.New(cfg.InternalCIDRs, self),
 		Resolver:           dialer.NewResolver(cfg.Resolver),
@@ -71,6 +71,9 @@ func Run(ctx context.Context, cfg Config, out io.Writer) error {
 		PeekTimeout:        cfg.PeekTimeout,
 		DialTimeout:        cfg.DialTimeout,
 	})
+	if err != nil {
+		return err
+	}
 
 	proxyAddr := cfg.ListenAddr
 	if cfg.Mode == ModeSidecar && proxyAddr == "" {

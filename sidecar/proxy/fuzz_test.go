@@ -7,6 +7,7 @@ import (
 	"net/netip"
 	"testing"
 
+	"github.com/egress-guard/egress-guard/pkg/hostname"
 	"github.com/egress-guard/egress-guard/pkg/policy"
 )
 
@@ -36,20 +37,23 @@ func FuzzRequestPath(f *testing.F) {
 		if err != nil {
 			return
 		}
-		if tgt.port == 0 {
+		if tgt.Port == 0 {
 			t.Fatalf("accepted port 0 from %q", data)
 		}
-		if tgt.addr.IsValid() {
-			if tgt.addr.Zone() != "" || tgt.addr.Is4In6() || tgt.host != tgt.addr.String() {
-				t.Fatalf("accepted address %v (%q) from %q", tgt.addr, tgt.host, data)
+		if !tgt.IsName() {
+			if !tgt.Addr.IsValid() || tgt.Addr.Zone() != "" || tgt.Addr.Is4In6() {
+				t.Fatalf("accepted address %v from %q", tgt.Addr, data)
 			}
 			return
 		}
-		if !validHostname(tgt.host) {
-			t.Fatalf("accepted host %q from %q", tgt.host, data)
+		if tgt.Addr.IsValid() {
+			t.Fatalf("target %q has both a name and an address", tgt)
 		}
-		if _, err := netip.ParseAddr(tgt.host); err == nil {
-			t.Fatalf("IP literal %q treated as a name", tgt.host)
+		if n, err := hostname.Normalize(tgt.Host); err != nil || n != tgt.Host {
+			t.Fatalf("accepted host %q from %q (%v)", tgt.Host, data, err)
+		}
+		if _, err := netip.ParseAddr(tgt.Host); err == nil {
+			t.Fatalf("IP literal %q treated as a name", tgt.Host)
 		}
 	})
 }

@@ -2,7 +2,6 @@ package proxy
 
 import (
 	"bufio"
-	"context"
 	"fmt"
 	"io"
 	"net"
@@ -10,9 +9,8 @@ import (
 	"strings"
 	"time"
 
-	"github.com/egress-guard/egress-guard/pkg/accesslog"
-	"github.com/egress-guard/egress-guard/pkg/policy"
-	"github.com/egress-guard/egress-guard/sidecar/tunnel"
+	"github.com/egress-guard/egress-guard/pkg/decision"
+	"github.com/egress-guard/egress-guard/pkg/outcome"
 )
 
 // writeTimeout bounds writing a status line to a client that does not read.
@@ -105,45 +103,37 @@ func (c *countingReader) Read(p []byte) (int, error) {
 // forward proxies one plain-HTTP request whose destination was allowed, then closes the
 // client connection. One request per connection keeps the decision and the logs per request
 // without a second request on the same connection escaping re-authentication.
-func (s *Server) forward(ctx context.Context, c *tunnel.Conn, conn *net.TCPConn, req *http.Request, rec *accesslog.Record, id *policy.Identity, t target, d *decision) {
-	s.logDecision(rec, id)
-	up, err := s.dial(ctx, c, rec, t, d)
-	if err != nil {
-		writeStatus(conn, dialStatus(err), "egress-guard: upstream connection failed", nil)
-		s.finish(rec, 0, 0, rec.Reason)
+func (s *Server) forward(ss *session, req *http.Request, t decision.Target, v decision.Verdict) {
+	ss.decide(v)
+	if err := ss.dial(v, t.Port); err != nil {
+		ss.failDial(err)
 		return
 	}
-	s.count(rec)
+	ss.established()
+	conn := ss.conn
+	up := ss.tc.Upstream()
 
 	removeHopHeaders(req.Header)
 	req.Close = true // the upstream connection carries this one request
 	upW := &countingWriter{w: up}
 	upR := &countingReader{r: up}
 	if err := req.Write(upW); err != nil {
-		writeStatus(conn, http.StatusBadGateway, "egress-guard: sending the request upstream failed", nil)
-		s.finish(rec, upW.n, 0, closeReason(c, tunnel.ReasonReset))
+		writeStatus(conn, http.StatusBadGateway, "egress-guard: sending the request upstream failed (upstream_error)", nil)
+		ss.end(outcome.UpstreamError, upW.n, 0)
 		return
 	}
 	resp, err := http.ReadResponse(bufio.NewReader(upR), req)
 	if err != nil {
-		writeStatus(conn, http.StatusBadGateway, "egress-guard: malformed or missing upstream response", nil)
-		s.finish(rec, upW.n, upR.n, closeReason(c, tunnel.ReasonReset))
+		writeStatus(conn, http.StatusBadGateway, "egress-guard: malformed or missing upstream response (upstream_error)", nil)
+		ss.end(outcome.UpstreamError, upW.n, upR.n)
 		return
 	}
 	defer resp.Body.Close()
 	removeHopHeaders(resp.Header)
 	resp.Close = true
-	reason := tunnel.ReasonClosed
+	reason := outcome.Closed
 	if err := resp.Write(conn); err != nil {
-		reason = tunnel.ReasonReset
+		reason = outcome.Reset
 	}
-	s.finish(rec, upW.n, upR.n, closeReason(c, reason))
-}
-
-// closeReason prefers the tracker's reason (idle timeout, drain) when it closed the sockets.
-func closeReason(c *tunnel.Conn, fallback string) string {
-	if r := c.CloseReason(); r != "" {
-		return r
-	}
-	return fallback
+	ss.end(reason, upW.n, upR.n)
 }

@@ -5,6 +5,7 @@ import (
 	"context"
 	"crypto/tls"
 	"encoding/base64"
+	"encoding/json"
 	"fmt"
 	"io"
 	"log/slog"
@@ -45,15 +46,64 @@ func (l *logBuffer) String() string {
 	return l.b.String()
 }
 
+// mark is the length of the log so far: records(mark, ...) reads only what came after.
+func (l *logBuffer) mark() int {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Len()
+}
+
+// records returns the JSON lines with that msg written after mark.
+func (l *logBuffer) records(mark int, msg string) []map[string]any {
+	var out []map[string]any
+	for _, line := range strings.Split(l.String()[mark:], "\n") {
+		var r map[string]any
+		if json.Unmarshal([]byte(line), &r) == nil && r["msg"] == msg {
+			out = append(out, r)
+		}
+	}
+	return out
+}
+
+// one waits for exactly one line with that msg after mark and returns it.
+func (l *logBuffer) one(t *testing.T, mark int, msg string) map[string]any {
+	t.Helper()
+	waitFor(t, func() bool { return len(l.records(mark, msg)) > 0 })
+	time.Sleep(20 * time.Millisecond) // a second line, if any, would be written by now
+	recs := l.records(mark, msg)
+	if len(recs) != 1 {
+		t.Fatalf("%d %q lines after the mark, want 1: %v", len(recs), msg, recs)
+	}
+	return recs[0]
+}
+
+// expect fails unless r has exactly these field values.
+func expect(t *testing.T, r map[string]any, kv ...any) {
+	t.Helper()
+	for i := 0; i < len(kv); i += 2 {
+		if got := r[kv[i].(string)]; fmt.Sprint(got) != fmt.Sprint(kv[i+1]) {
+			t.Errorf("%s line: %s = %v, want %v (line %v)", r["msg"], kv[i], got, kv[i+1], r)
+		}
+	}
+}
+
 type fixture struct {
 	addr    string
 	metrics *metrics.Metrics
 	logs    *logBuffer
+	server  *Server
+	tracker *tunnel.Tracker
 }
 
 // start runs a proxy on 127.0.0.1 with the given policy. Loopback is internal, so tests that
 // reach loopback upstreams need a rule naming 127.0.0.0/8, exactly as in production.
 func start(t *testing.T, policyYAML string, tlsPorts ...uint16) *fixture {
+	t.Helper()
+	return startWith(t, policyYAML, func(*Config) {}, tlsPorts...)
+}
+
+// startWith is start with a hook that may change the configuration before New.
+func startWith(t *testing.T, policyYAML string, adjust func(*Config), tlsPorts ...uint16) *fixture {
 	t.Helper()
 	pol, err := policy.Parse("test.yaml", []byte(policyYAML), policy.Options{InternalDomains: policy.DefaultInternalDomains})
 	if err != nil {
@@ -66,7 +116,7 @@ func start(t *testing.T, policyYAML string, tlsPorts ...uint16) *fixture {
 		tp[p] = true
 	}
 	tr := tunnel.NewTracker(tunnel.Config{IdleTimeout: time.Minute})
-	s := New(Config{
+	cfg := Config{
 		Policy:         func() *policy.Policy { return pol },
 		Classifier:     addrclass.New(nil, nil),
 		Resolver:       dialer.NewResolver(""),
@@ -80,7 +130,12 @@ func start(t *testing.T, policyYAML string, tlsPorts ...uint16) *fixture {
 		MaxHeaderBytes: 4096,
 		PeekTimeout:    2 * time.Second,
 		DialTimeout:    2 * time.Second,
-	})
+	}
+	adjust(&cfg)
+	s, err := New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -92,7 +147,7 @@ func start(t *testing.T, policyYAML string, tlsPorts ...uint16) *fixture {
 		defer cancel()
 		tr.Drain(ctx)
 	})
-	return &fixture{addr: ln.Addr().String(), metrics: m, logs: logs}
+	return &fixture{addr: ln.Addr().String(), metrics: m, logs: logs, server: s, tracker: tr}
 }
 
 func basic(key string) string {
@@ -251,20 +306,6 @@ func TestAuthAndMalformed(t *testing.T) {
 	}
 }
 
-func TestDialFailureIs502(t *testing.T) {
-	f := start(t, loopPolicy)
-	// A port nothing listens on.
-	ln, _ := net.Listen("tcp", "127.0.0.1:0")
-	addr := ln.Addr().String()
-	ln.Close()
-	if code, _, _ := rawRequest(t, f.addr, connectReq(addr, basic("k1"))); code != http.StatusBadGateway {
-		t.Fatalf("status %d, want 502", code)
-	}
-	if n := testutil.ToFloat64(f.metrics.Requests.WithLabelValues("loop", "127.0.0.0/8", "connection_failed")); n != 1 {
-		t.Fatalf("connection_failed = %v", n)
-	}
-}
-
 func TestAuditModeAllowsAndCounts(t *testing.T) {
 	f := start(t, loopPolicy+`
   audit-loop:
@@ -387,11 +428,13 @@ func TestParseTarget(t *testing.T) {
 		{"10.0.0.1", "5432", "10.0.0.1:5432"},
 	} {
 		got, err := parseTarget(tc.host, tc.port)
-		if err != nil || got.display() != tc.want {
-			t.Errorf("parseTarget(%q,%q) = %q, %v; want %q", tc.host, tc.port, got.display(), err, tc.want)
+		if err != nil || got.String() != tc.want {
+			t.Errorf("parseTarget(%q,%q) = %q, %v; want %q", tc.host, tc.port, got, err, tc.want)
 		}
 	}
-	for _, bad := range [][2]string{{"a..b", "1"}, {"x", "0"}, {"x", "65536"}, {"[a.com]", "1"}, {"fe80::1%eth0", "1"}, {"bü.com", "1"}, {"", "1"}} {
+	// foo.123 has a numeric last label: an IPv4-like literal, which the policy never matches
+	// as a name either (one definition of a host name, pkg/hostname).
+	for _, bad := range [][2]string{{"a..b", "1"}, {"x", "0"}, {"x", "65536"}, {"[a.com]", "1"}, {"fe80::1%eth0", "1"}, {"bü.com", "1"}, {"", "1"}, {"foo.123", "1"}, {"1.2.3.999", "1"}} {
 		if _, err := parseTarget(bad[0], bad[1]); err == nil {
 			t.Errorf("parseTarget(%q,%q) accepted", bad[0], bad[1])
 		}

@@ -1,106 +1,86 @@
 package proxy
 
 import (
-	"context"
 	"errors"
 	"net"
 	"net/netip"
 	"os"
 	"slices"
 	"strconv"
-	"strings"
 	"time"
 
-	"github.com/egress-guard/egress-guard/pkg/accesslog"
-	"github.com/egress-guard/egress-guard/pkg/metrics"
+	"github.com/egress-guard/egress-guard/pkg/decision"
 	"github.com/egress-guard/egress-guard/pkg/origdst"
+	"github.com/egress-guard/egress-guard/pkg/outcome"
 	"github.com/egress-guard/egress-guard/pkg/peek"
-	"github.com/egress-guard/egress-guard/sidecar/tunnel"
 )
 
 // maxPeek bounds what the transparent listener buffers before deciding: a ClientHello with
 // post-quantum key shares and every record header, or an HTTP request head.
 const maxPeek = peek.MaxClientHello + 4096
 
-// handleTransparent runs one connection that the capture rules redirected here. The app chose
+// serveTransparent runs one connection that the capture rules redirected here. The app chose
 // both the original address and, in its first bytes, a name (SNI or Host). The name is what the
 // policy allows, so the name decides and the proxy dials an address it resolved for that name
 // itself, never the app's address unless it is in that answer: otherwise a ClientHello naming
 // an allowed host could reach any server.
 //
-// A denied connection is reset: there is no HTTP channel to answer on.
-func (s *Server) handleTransparent(c *tunnel.Conn, conn *net.TCPConn) {
-	defer c.Done()
-	s.cfg.Metrics.ActiveTunnels.Inc()
-	defer s.cfg.Metrics.ActiveTunnels.Dec()
-	rec := s.newRecord("transparent", conn)
-
+// Every refusal is a reset: there is no HTTP channel to answer on.
+func (s *Server) serveTransparent(ss *session) {
+	conn := ss.conn
 	orig, err := origdst.OriginalDst(conn)
-	if err != nil || s.isOwnListener(conn, orig) {
-		reason := ReasonNoOriginalDst
-		if err == nil {
-			reason = ReasonProxyLoop
-		}
-		s.resetDenied(conn, rec, reason, metrics.StatusBadRequest)
+	if err != nil {
+		ss.refuse(decision.Refuse(outcome.NoOriginalDst), "")
 		return
 	}
-	rec.Target = orig.String()
+	ss.rec.Target = orig.String()
+	if s.isOwnListener(conn, orig) {
+		ss.refuse(decision.Refuse(outcome.ProxyLoop), "")
+		return
+	}
 
 	pol := s.cfg.Policy()
 	if pol == nil {
-		s.resetDenied(conn, rec, ReasonNoPolicy, metrics.StatusDenied)
+		ss.refuse(decision.Refuse(outcome.NoPolicy), "")
 		return
 	}
 	id := pol.Identity(s.cfg.Identity)
 	if id == nil {
-		s.resetDenied(conn, rec, ReasonUnknownIdentity, metrics.StatusDenied)
+		ss.refuse(decision.Refuse(outcome.UnknownIdentity), "")
 		return
 	}
-	rec.Identity = id.Name
+	ss.rec.Identity = id.Name
 
 	name, proto, prefix := s.peekName(conn)
-	rec.Method = proto
+	ss.rec.Protocol = proto
 	origAddr := orig.Addr().Unmap()
-	t := target{host: origAddr.String(), addr: origAddr, port: orig.Port()}
+	t := decision.Target{Addr: origAddr, Port: orig.Port()}
 	if name != "" {
-		if nt, err := parseTarget(name, strconv.Itoa(int(orig.Port()))); err == nil && !nt.addr.IsValid() {
+		if nt, err := parseTarget(name, strconv.Itoa(int(orig.Port()))); err == nil && nt.IsName() {
 			t = nt
-			rec.SNI = name
-			rec.Target = t.display()
+			ss.rec.SNI = name
+			ss.rec.Target = t.String()
 		}
 	}
 
-	ctx, cancel := context.WithTimeout(context.Background(), s.cfg.DialTimeout)
-	defer cancel()
-	d := s.decide(ctx, id, t, s.known.cur.Load())
-	rec.Destination, rec.Action, rec.Reason, rec.Status = d.destination(), d.action, d.reason, d.status
-	if !d.allow {
-		s.resetDenied(conn, rec, d.reason, d.status)
+	v := s.decide(id, t, s.known.Load())
+	if !v.Proceeds() {
+		ss.refuse(v, "")
 		return
 	}
 	// Prefer the app's own choice when the proxy's answer contains it (keeps the app's view
 	// of which replica it talks to); otherwise dial what the proxy resolved.
-	if i := slices.Index(d.addrs, origAddr); i > 0 {
-		d.addrs[0], d.addrs[i] = d.addrs[i], d.addrs[0]
+	if i := slices.Index(v.Addrs, origAddr); i > 0 {
+		v.Addrs[0], v.Addrs[i] = v.Addrs[i], v.Addrs[0]
 	}
-	s.logDecision(rec, id)
-	if _, err := s.dial(ctx, c, rec, t, &d); err != nil {
-		conn.SetLinger(0)
-		s.finish(rec, 0, 0, rec.Reason)
+	ss.decide(v)
+	if err := ss.dial(v, t.Port); err != nil {
+		ss.failDial(err)
 		return
 	}
-	s.count(rec)
-	up, down, reason := c.Relay(prefix)
-	s.finish(rec, up, down, reason)
-}
-
-// resetDenied logs and counts a refused transparent connection and resets it.
-func (s *Server) resetDenied(conn *net.TCPConn, rec *accesslog.Record, reason, status string) {
-	rec.Action, rec.Reason, rec.Status = accesslog.ActionDenied, reason, status
-	s.cfg.AccessLog.Decision(rec)
-	s.count(rec)
-	conn.SetLinger(0)
-	s.finish(rec, 0, 0, reason)
+	ss.established()
+	up, down, reason := ss.tc.Relay(prefix)
+	ss.end(reason, up, down)
 }
 
 // isOwnListener reports a connection whose original destination is this listener itself: a
@@ -147,7 +127,7 @@ func (s *Server) peekName(conn *net.TCPConn) (name, proto string, consumed []byt
 				proto = "http"
 				req, perr := peek.ParseHTTPRequestHead(buf, maxPeek)
 				if perr == nil {
-					return hostOnly(req.Host), proto, buf
+					return req.Name, proto, buf
 				}
 				if !errors.Is(perr, peek.ErrNeedMore) {
 					return "", proto, buf
@@ -164,16 +144,4 @@ func (s *Server) peekName(conn *net.TCPConn) (name, proto string, consumed []byt
 		}
 	}
 	return "", proto, buf
-}
-
-// hostOnly strips the port from a Host header value; an IP literal is not a name.
-func hostOnly(h string) string {
-	if host, _, err := net.SplitHostPort(h); err == nil {
-		h = host
-	}
-	h = strings.TrimSuffix(strings.TrimPrefix(h, "["), "]")
-	if _, err := netip.ParseAddr(h); err == nil {
-		return ""
-	}
-	return h
 }

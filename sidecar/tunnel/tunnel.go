@@ -22,14 +22,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
-)
 
-// Close reasons reported by Relay.
-const (
-	ReasonClosed      = "closed"       // both sides finished normally
-	ReasonReset       = "reset"        // a side failed or reset the connection
-	ReasonIdleTimeout = "idle_timeout" // no byte moved for the idle timeout
-	ReasonDrain       = "drain"        // closed by shutdown
+	"github.com/egress-guard/egress-guard/pkg/outcome"
 )
 
 // ErrLimit is returned by Add when the concurrent connection cap is reached.
@@ -59,6 +53,11 @@ type Tracker struct {
 	draining bool
 	wg       sync.WaitGroup
 	count    atomic.Int64
+
+	// probe reads a socket's activity counter; a field so tests can observe the reaper.
+	probe func(*net.TCPConn) (uint64, bool)
+	// snapshot is the reaper's reusable list of connections to probe.
+	snapshot []*Conn
 }
 
 // NewTracker returns a tracker with cfg.
@@ -66,7 +65,7 @@ func NewTracker(cfg Config) *Tracker {
 	if cfg.Tick <= 0 {
 		cfg.Tick = time.Second
 	}
-	return &Tracker{cfg: cfg, conns: make(map[*Conn]struct{})}
+	return &Tracker{cfg: cfg, conns: make(map[*Conn]struct{}), probe: socketBytes}
 }
 
 // Conn is a tracked client connection and, once dialed, its upstream.
@@ -75,9 +74,9 @@ type Conn struct {
 	client   *net.TCPConn
 	mu       sync.Mutex // guards upstream and reason
 	upstream *net.TCPConn
-	reason   string // set when the tracker closes the connection
+	reason   outcome.CloseReason // set when the tracker closes the connection
 
-	// Owned by the reaper, under Tracker.mu.
+	// Owned by the reaper goroutine alone.
 	lastBytes  uint64
 	lastChange time.Time
 }
@@ -93,7 +92,7 @@ func (t *Tracker) Add(client *net.TCPConn) (*Conn, error) {
 	if t.cfg.MaxConns > 0 && len(t.conns) >= t.cfg.MaxConns {
 		return nil, ErrLimit
 	}
-	c := &Conn{t: t, client: client, lastChange: time.Now()}
+	c := &Conn{t: t, client: client}
 	t.conns[c] = struct{}{}
 	t.wg.Add(1)
 	t.count.Add(1)
@@ -121,7 +120,7 @@ func (c *Conn) Done() {
 func (c *Conn) SetUpstream(u *net.TCPConn) bool {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if c.reason != "" {
+	if c.reason != 0 {
 		u.Close()
 		return false
 	}
@@ -129,17 +128,24 @@ func (c *Conn) SetUpstream(u *net.TCPConn) bool {
 	return true
 }
 
-// CloseReason returns why the tracker closed the connection, or "" if it did not.
-func (c *Conn) CloseReason() string {
+// Upstream returns the upstream attached with SetUpstream, or nil.
+func (c *Conn) Upstream() *net.TCPConn {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.upstream
+}
+
+// CloseReason returns why the tracker closed the connection, or 0 if it did not.
+func (c *Conn) CloseReason() outcome.CloseReason {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	return c.reason
 }
 
 // closeWith closes both sockets, recording reason unless one was recorded already.
-func (c *Conn) closeWith(reason string) {
+func (c *Conn) closeWith(reason outcome.CloseReason) {
 	c.mu.Lock()
-	if c.reason == "" {
+	if c.reason == 0 {
 		c.reason = reason
 	}
 	c.mu.Unlock()
@@ -161,19 +167,19 @@ func (c *Conn) closeSockets() {
 // is propagated as a half-close (shutdown SHUT_WR) to the other, so request/response protocols
 // that close their sending side keep working. It returns the bytes moved each way, prefix
 // included, and why the relay ended.
-func (c *Conn) Relay(prefix []byte) (up, down int64, reason string) {
+func (c *Conn) Relay(prefix []byte) (up, down int64, reason outcome.CloseReason) {
 	c.mu.Lock()
 	u := c.upstream
 	c.mu.Unlock()
 	if u == nil {
-		return 0, 0, ReasonReset
+		return 0, 0, outcome.Reset
 	}
 	var upErr, downErr error
 	if len(prefix) > 0 {
 		n, err := u.Write(prefix)
 		up += int64(n)
 		if err != nil {
-			c.closeWith(ReasonReset)
+			c.closeWith(outcome.Reset)
 			return up, 0, c.finalReason(err, nil)
 		}
 	}
@@ -186,7 +192,7 @@ func (c *Conn) Relay(prefix []byte) (up, down int64, reason string) {
 			c.client.CloseWrite()
 		} else {
 			// The other direction cannot usefully go on once one side failed.
-			c.closeWith(ReasonReset)
+			c.closeWith(outcome.Reset)
 		}
 	}()
 	n, upErr := io.Copy(u, c.client)
@@ -194,20 +200,20 @@ func (c *Conn) Relay(prefix []byte) (up, down int64, reason string) {
 	if upErr == nil {
 		u.CloseWrite()
 	} else {
-		c.closeWith(ReasonReset)
+		c.closeWith(outcome.Reset)
 	}
 	<-downDone
 	return up, down, c.finalReason(upErr, downErr)
 }
 
-func (c *Conn) finalReason(upErr, downErr error) string {
-	if r := c.CloseReason(); r != "" {
+func (c *Conn) finalReason(upErr, downErr error) outcome.CloseReason {
+	if r := c.CloseReason(); r != 0 {
 		return r
 	}
 	if upErr != nil || downErr != nil {
-		return ReasonReset
+		return outcome.Reset
 	}
-	return ReasonClosed
+	return outcome.Closed
 }
 
 // Run samples idleness every tick until ctx is done, closing connections on which no byte
@@ -225,35 +231,41 @@ func (t *Tracker) Run(ctx context.Context) {
 	}
 }
 
+// reap closes the connections on which no byte moved for the idle limit. The tracker lock is
+// held only to copy the list: one getsockopt per connection at 10,000 tunnels would otherwise
+// hold up every accept and close for the whole sweep.
 func (t *Tracker) reap(now time.Time) {
-	var idle []*Conn
 	t.mu.Lock()
 	limit := t.cfg.IdleTimeout
 	if t.draining && t.cfg.DrainIdleTimeout > 0 && (limit <= 0 || t.cfg.DrainIdleTimeout < limit) {
 		limit = t.cfg.DrainIdleTimeout
 	}
+	draining := t.draining
+	conns := t.snapshot[:0]
 	if limit > 0 {
 		for c := range t.conns {
-			b, ok := socketBytes(c.client)
-			if !ok || b != c.lastBytes {
-				c.lastBytes = b
-				c.lastChange = now
-				continue
-			}
-			if now.Sub(c.lastChange) >= limit {
-				idle = append(idle, c)
-			}
+			conns = append(conns, c)
 		}
 	}
-	draining := t.draining
 	t.mu.Unlock()
-	reason := ReasonIdleTimeout
+
+	reason := outcome.IdleTimeout
 	if draining {
-		reason = ReasonDrain
+		reason = outcome.Drain
 	}
-	for _, c := range idle {
-		c.closeWith(reason)
+	for i, c := range conns {
+		conns[i] = nil // do not keep finished connections reachable until the next sweep
+		b, ok := t.probe(c.client)
+		if !ok || b != c.lastBytes || c.lastChange.IsZero() {
+			c.lastBytes = b
+			c.lastChange = now
+			continue
+		}
+		if now.Sub(c.lastChange) >= limit {
+			c.closeWith(reason)
+		}
 	}
+	t.snapshot = conns[:0]
 }
 
 // socketBytes returns bytes received plus bytes acknowledged on the socket: the sum moves
@@ -298,7 +310,7 @@ func (t *Tracker) Drain(ctx context.Context) {
 	}
 	t.mu.Unlock()
 	for _, c := range rest {
-		c.closeWith(ReasonDrain)
+		c.closeWith(outcome.Drain)
 	}
 	<-done
 }

@@ -15,7 +15,8 @@ import (
 	"text/tabwriter"
 	"time"
 
-	"github.com/egress-guard/egress-guard/e2e/netlab"
+	"github.com/egress-guard/egress-guard/internal/netlab"
+	"github.com/egress-guard/egress-guard/pkg/contract"
 )
 
 // Hosts of the demo's internet.
@@ -29,7 +30,7 @@ var hosts = []netlab.Host{
 var records = map[string][]string{"metadata.cdn.example.com": {"169.254.169.254"}}
 
 const (
-	proxyUID = 15337
+	proxyUID = contract.ProxyUID
 	appUID   = 1000
 )
 
@@ -93,7 +94,7 @@ func Run(ctx context.Context, cfg Config, out io.Writer) error {
 		return err
 	}
 	defer gateway.Stop(5 * time.Second)
-	for _, u := range []string{"http://127.0.0.1:15090/ready", "http://127.0.0.1:9090/ready"} {
+	for _, u := range []string{fmt.Sprintf("http://127.0.0.1:%d/ready", contract.AdminPort), fmt.Sprintf("http://127.0.0.1:%d/ready", contract.GatewayAdminPort)} {
 		if err := netlab.WaitReady(ctx, lab.Pod, u, nil, 10*time.Second); err != nil {
 			return fmt.Errorf("%w\nsidecar:\n%s\ngateway:\n%s", err, sidecar.Tail(10), gateway.Tail(10))
 		}
@@ -110,12 +111,12 @@ func Run(ctx context.Context, cfg Config, out io.Writer) error {
 		if s.flow == "gateway" {
 			proc = gateway
 		}
-		seen := len(proc.Records("close"))
+		mark := proc.Mark() // this step's lines are the ones after it
 		got := runStep(ctx, lab, cfg, s)
 		action, reason, rule, upstream := "-", "-", "-", "-"
 		if s.udp != "" {
 			reason = "dropped in the pod by the capture rules (" + dropCount(ctx, lab) + ")"
-		} else if rec := waitNew(proc, seen); rec != nil {
+		} else if rec := waitClose(proc, mark); rec != nil {
 			action, reason, rule = str(rec["action"]), str(rec["decision_reason"]), str(rec["destination"])
 			if u := str(rec["upstream"]); u != "" {
 				upstream = u
@@ -126,7 +127,7 @@ func Run(ctx context.Context, cfg Config, out io.Writer) error {
 	tw.Flush()
 
 	fmt.Fprintln(out, "\nsidecar metrics (egress_proxy_requests_total):")
-	_, body, _ := netlab.HTTPGet(ctx, lab.Pod, "http://127.0.0.1:15090/metrics")
+	_, body, _ := netlab.HTTPGet(ctx, lab.Pod, fmt.Sprintf("http://127.0.0.1:%d/metrics", contract.AdminPort))
 	for _, l := range strings.Split(body, "\n") {
 		if strings.HasPrefix(l, "egress_proxy_requests_total{") || strings.HasPrefix(l, "egress_proxy_policy_hash_info{") {
 			fmt.Fprintln(out, "  "+l)
@@ -175,10 +176,11 @@ func runStep(ctx context.Context, lab *netlab.Lab, cfg Config, s step) string {
 	return "HTTP " + code
 }
 
-func waitNew(p *netlab.Process, seen int) map[string]any {
+// waitClose returns the latest close line after mark, waiting up to 3 s for one.
+func waitClose(p *netlab.Process, mark int) map[string]any {
 	deadline := time.Now().Add(3 * time.Second)
 	for time.Now().Before(deadline) {
-		if recs := p.Records("close"); len(recs) > seen {
+		if recs := p.RecordsAfter(mark, "close"); len(recs) > 0 {
 			return recs[len(recs)-1]
 		}
 		time.Sleep(50 * time.Millisecond)
@@ -187,7 +189,7 @@ func waitNew(p *netlab.Process, seen int) map[string]any {
 }
 
 func dropCount(ctx context.Context, lab *netlab.Lab) string {
-	out, _ := lab.Pod.Run(ctx, "iptables", "-L", "EGRESS_GUARD_FILTER", "-v", "-n", "-x")
+	out, _ := lab.Pod.Run(ctx, "iptables", "-L", contract.FilterChain, "-v", "-n", "-x")
 	for _, l := range strings.Split(out, "\n") {
 		f := strings.Fields(l)
 		if len(f) > 3 && f[2] == "DROP" && f[3] == "17" {

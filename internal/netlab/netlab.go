@@ -361,7 +361,11 @@ func (c *countingListener) Accept() (net.Conn, error) {
 func (l *Lab) startDNS(ctx context.Context, hosts []Host, records map[string][]string) error {
 	args := []string{"dnsmasq", "--keep-in-foreground", "--no-resolv", "--no-hosts", "--no-poll",
 		"--bind-interfaces", "--listen-address=" + DNSServer, "--port=53", "--conf-file=/dev/null",
-		"--user=root", "--group=root", "--pid-file=" + filepath.Join(l.Dir, "dnsmasq.pid"), "--log-facility=-"}
+		"--user=root", "--group=root", "--pid-file=" + filepath.Join(l.Dir, "dnsmasq.pid"), "--log-facility=-",
+		// The lab's zones are answered locally: a name in them that the lab does not define
+		// does not exist (NXDOMAIN), as on the internet, rather than REFUSED for want of an
+		// upstream.
+		"--local=/example.com/", "--local=/test/"}
 	rec := map[string][]string{}
 	for _, h := range hosts {
 		for _, n := range h.Names {
@@ -382,9 +386,8 @@ func (l *Lab) startDNS(ctx context.Context, hosts []Host, records map[string][]s
 	}
 	sort.Strings(names)
 	for _, n := range names {
-		// --address=/name/ip answers exactly this name and names below it; the lab never
-		// defines a name below another, so that is exact here, and one flag per address
-		// gives several records.
+		// --address=/name/ip answers this name and names below it that the lab does not
+		// define itself; one flag per address gives several records.
 		for _, a := range rec[n] {
 			args = append(args, "--address=/"+n+"/"+a)
 		}

@@ -70,16 +70,33 @@ func Start(ns *NS, bin string, env []string, uid, gid uint32) (*Process, error) 
 }
 
 // Lines returns the output lines so far.
-func (p *Process) Lines() []string {
+func (p *Process) Lines() []string { return p.LinesAfter(0) }
+
+// Mark returns the number of output lines so far: a position in the log. The reads that take
+// a mark see only the lines after it, so an assertion made with a mark taken before the
+// action under test cannot pass on a line written before that. (A line the program wrote just
+// before Mark may still be on its way through the pipe and count as after: assertions should
+// still name the fields of the one connection they expect.)
+func (p *Process) Mark() int {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	return append([]string(nil), p.lines...)
+	return len(p.lines)
 }
 
-// Records returns the JSON log lines whose "msg" is msg, decoded.
-func (p *Process) Records(msg string) []map[string]any {
+// LinesAfter returns the output lines after mark.
+func (p *Process) LinesAfter(mark int) []string {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if mark < 0 || mark > len(p.lines) {
+		mark = len(p.lines)
+	}
+	return append([]string(nil), p.lines[mark:]...)
+}
+
+// RecordsAfter returns the JSON log lines after mark whose "msg" is msg, decoded.
+func (p *Process) RecordsAfter(mark int, msg string) []map[string]any {
 	var out []map[string]any
-	for _, l := range p.Lines() {
+	for _, l := range p.LinesAfter(mark) {
 		var m map[string]any
 		if json.Unmarshal([]byte(l), &m) == nil && m["msg"] == msg {
 			out = append(out, m)
@@ -88,17 +105,30 @@ func (p *Process) Records(msg string) []map[string]any {
 	return out
 }
 
-// WaitRecord waits until a JSON line with msg satisfies match, and returns it.
-func (p *Process) WaitRecord(msg string, timeout time.Duration, match func(map[string]any) bool) (map[string]any, error) {
+// WaitRecordAfter waits until a JSON line after mark with msg satisfies match, and returns
+// the first such line.
+func (p *Process) WaitRecordAfter(mark int, msg string, timeout time.Duration, match func(map[string]any) bool) (map[string]any, error) {
 	deadline := time.Now().Add(timeout)
 	for {
-		for _, r := range p.Records(msg) {
+		recs := p.RecordsAfter(mark, msg)
+		for _, r := range recs {
 			if match(r) {
 				return r, nil
 			}
 		}
 		if time.Now().After(deadline) {
-			return nil, fmt.Errorf("no %q line matched within %v; last lines:\n%s", msg, timeout, p.Tail(15))
+			var seen []string
+			for _, l := range p.LinesAfter(mark) {
+				var m map[string]any
+				if json.Unmarshal([]byte(l), &m) == nil && m["msg"] == msg {
+					seen = append(seen, l)
+				}
+			}
+			if len(seen) > 15 {
+				seen = seen[len(seen)-15:]
+			}
+			return nil, fmt.Errorf("no %q line after mark %d matched within %v; the %d %q lines after the mark (last 15):\n%s\nlast lines:\n%s",
+				msg, mark, timeout, len(recs), msg, strings.Join(seen, "\n"), p.Tail(15))
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
