@@ -6,7 +6,8 @@
 #
 # Knobs: RUNS (default 1), BENCH_ARGS (default a shortened run, see below), EG_PORT (14750),
 # LOGS (file|off, passed to run-peers.sh; egress-guard logs to a file under OUT either way,
-# or to /dev/null with LOGS=off).
+# or to /dev/null with LOGS=off), BASELINE_BIN (another egress-guard binary, e.g. built from an
+# earlier commit, benched in the same run as "eg-baseline" for before/after numbers).
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 SHARED=${SHARED:-$ROOT/../shared}
@@ -45,7 +46,20 @@ for _ in $(seq 1 100); do
   sleep 0.1
 done
 
-EXTRA="egress-guard=127.0.0.1:$EG_PORT@$EG_PID" "$BENCHDIR/run-peers.sh"
+EXTRA="egress-guard=127.0.0.1:$EG_PORT@$EG_PID"
+if [ -n "${BASELINE_BIN:-}" ]; then
+  BASE_PORT=$((EG_PORT + 1)); BASE_METRICS=$((EG_METRICS + 1))
+  PROXY_PORT=$BASE_PORT METRICS_PORT=$BASE_METRICS LISTEN_ADDR=127.0.0.1 CONFIGMAP_PATH="$OUT/bench-policy.yaml" \
+    MAX_TUNNELS=30000 LOG_LEVEL=INFO "$BASELINE_BIN" >"$OUT/eg-baseline.log" 2>&1 &
+  BASE_PID=$!
+  trap 'kill -TERM $EG_PID $BASE_PID 2>/dev/null || true; wait $EG_PID $BASE_PID 2>/dev/null || true' EXIT
+  for _ in $(seq 1 100); do
+    curl -fsS "http://127.0.0.1:$BASE_METRICS/ready" >/dev/null 2>&1 && break
+    sleep 0.1
+  done
+  EXTRA="$EXTRA eg-baseline=127.0.0.1:$BASE_PORT@$BASE_PID"
+fi
+EXTRA="$EXTRA" "$BENCHDIR/run-peers.sh"
 
 # Ratios of egress-guard to each peer, from the medians.
 "$OUT/egressbench" report "$OUT/results.jsonl" > "$OUT/report.txt" 2>&1 || true

@@ -202,7 +202,7 @@ func (in *Installer) Apply(p Plan) (changed bool, err error) {
 			return changed, explain(p.Family, t.Table, err)
 		}
 	}
-	return changed, in.Verify(p)
+	return changed, in.verify(p)
 }
 
 // finishCrashedRun completes a run that crashed after it jumped to its temporary chain: that
@@ -269,8 +269,8 @@ func check(ipt IPTables, t TablePlan) error {
 	return nil
 }
 
-// Verify reads the rules back and fails unless they are exactly the plan.
-func (in *Installer) Verify(p Plan) error {
+// verify reads the rules back and fails unless they are exactly the plan.
+func (in *Installer) verify(p Plan) error {
 	ipt := in.ipt(p.Family)
 	for _, t := range p.Tables {
 		if err := check(ipt, t); err != nil {

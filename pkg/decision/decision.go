@@ -119,7 +119,7 @@ func (d *Decider) Decide(ctx context.Context, id *policy.Identity, t Target, kno
 	}
 	vetted := addrs[:0:0]
 	for _, a := range addrs {
-		if d.Reachable(id, rule, a, t.Port) {
+		if d.reachable(id, rule, a, t.Port) {
 			vetted = append(vetted, a)
 		}
 	}
@@ -130,13 +130,13 @@ func (d *Decider) Decide(ctx context.Context, id *policy.Identity, t Target, kno
 	return v
 }
 
-// Reachable reports whether the identity may connect to a (resolved or literal) address.
+// reachable reports whether the identity may connect to a (resolved or literal) address.
 // Public addresses are reachable once the destination was allowed. An internal address is
 // reachable only through a rule that names it: an IP/CIDR rule of this identity that lies
 // inside the address's internal range (so 0.0.0.0/0 never names 10/8), or a name rule with
 // allow_internal for the private ranges. Loopback, link-local (metadata), the proxy's own
 // addresses and the like are never reached through a name.
-func (d *Decider) Reachable(id *policy.Identity, rule *policy.Rule, a netip.Addr, port uint16) bool {
+func (d *Decider) reachable(id *policy.Identity, rule *policy.Rule, a netip.Addr, port uint16) bool {
 	class, internal := d.Classifier.Classify(a)
 	if !class.Internal() {
 		return true
