@@ -133,7 +133,7 @@ func TestInitDryRunCleanupAndBackends(t *testing.T) {
 		}
 	})
 
-	t.Run("IPv4-only pod needs no ip6tables", func(t *testing.T) {
+	t.Run("IPv6 disabled on every interface is still captured when ip6tables works", func(t *testing.T) {
 		ns := initNS(t, "v4", false)
 		out, err := ns.Run(ctx, append([]string{bin}, args...)...)
 		if err != nil || !strings.Contains(out, "IPv6 is disabled") || !strings.Contains(out, "self-test passed") {

@@ -87,8 +87,11 @@ var hosts = []netlab.Host{
 
 // Names that resolve to internal addresses nothing in the lab listens on.
 var internalRecords = map[string][]string{
-	"meta.cdn.example.com":    {"169.254.169.254"},
-	"rfc1918.cdn.example.com": {"10.1.2.3"},
+	// What a search domain would answer for api.example.com (see TestSearchList...): the
+	// evil host's address.
+	"api.example.com.search.test": {"198.18.1.20"},
+	"meta.cdn.example.com":        {"169.254.169.254"},
+	"rfc1918.cdn.example.com":     {"10.1.2.3"},
 }
 
 var (

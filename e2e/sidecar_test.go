@@ -411,6 +411,52 @@ func TestSidecarTransparent(t *testing.T) {
 		lg.closeOf(t, d, "reason", "refused", "decision_reason", "no_such_host")
 	})
 
+	t.Run("an app with its own proxy settings keeps working", func(t *testing.T) {
+		// The app points at a proxy address of its own (nothing listens there); capture
+		// brings the proxy request to the sidecar, which serves it as a proxy would.
+		appProxy := "http://198.18.1.30:3128"
+		lg := from(p.side)
+		exit, body := p.app(t, appUID, "-x", appProxy, "https://api.example.com/")
+		if exit != 0 || !strings.Contains(body, "hello from 198.18.1.10 (host api.example.com)") {
+			t.Fatalf("exit %d: %s", exit, body)
+		}
+		d := lg.decision(t, cat(tr("http-proxy", "method", "CONNECT", "target", "api.example.com:443", "sni", "api.example.com",
+			"destination", "api.example.com"), allowed)...)
+		lg.closeOf(t, d, "upstream", "198.18.1.10:443")
+
+		// Denied through the same path: an HTTP status, since the app speaks HTTP to its proxy.
+		lg = from(p.side)
+		exit, body = p.app(t, appUID, "-sS", "-o", "/dev/null", "-w", "%{http_connect}", "-x", appProxy, "https://evil.test/")
+		if exit == 0 || !strings.Contains(body, "403") {
+			t.Fatalf("denied through the app's proxy: exit %d: %s", exit, body)
+		}
+		lg.decision(t, cat(tr("http-proxy", "method", "CONNECT", "target", "evil.test:443"), denied)...)
+
+		// Plain HTTP in proxy form is forwarded, decided on the URL's host.
+		lg = from(p.side)
+		exit, body = p.app(t, appUID, "-x", appProxy, "http://a.cdn.example.com/")
+		if exit != 0 || !strings.Contains(body, "hello from 198.18.1.11") {
+			t.Fatalf("plain HTTP through the app's proxy: exit %d: %s", exit, body)
+		}
+		lg.decision(t, cat(tr("http-proxy", "method", "GET", "target", "a.cdn.example.com:80", "destination", "*.cdn.example.com"), allowed)...)
+	})
+
+	t.Run("a server-first connection to a wildcard-only host is denied with a hint", func(t *testing.T) {
+		// a.cdn.example.com is allowed only by *.cdn.example.com: with no name sent, the
+		// address cannot be matched, and the decision line says what rule is missing.
+		lg := from(p.side)
+		c, err := l.Pod.Dial("tcp", "198.18.1.11:25", 3*time.Second)
+		if err == nil {
+			c.SetDeadline(time.Now().Add(5 * time.Second))
+			io.ReadAll(c)
+			c.Close()
+		}
+		d := lg.decision(t, cat(tr("server-first", "target", "198.18.1.11:25"), denied)...)
+		if h, _ := d["hint"].(string); !strings.Contains(h, "*.cdn.example.com") || !strings.Contains(h, "exact-name rule") {
+			t.Fatalf("hint %q", h)
+		}
+	})
+
 	t.Run("metrics count transparent decisions", func(t *testing.T) {
 		if v := metric(t, l, contract.AdminPort, `egress_proxy_requests_total{destination="none",identity="shop",status="denied"}`); v < 1 {
 			t.Fatalf("denied = %v", v)

@@ -27,7 +27,7 @@ var update = flag.Bool("update", false, "rewrite testdata/*.golden with the comm
 // ConfigMap edit followed by a re-run of the init container would; it changes both tables.
 func configA() Config {
 	return Config{
-		ProxyUID: contract.ProxyUID, ProxyGID: contract.ProxyGID, RedirectPort: contract.TransparentPort,
+		ProxyUID: contract.ProxyUID, RedirectPort: contract.TransparentPort,
 		DNSServers: []netip.Addr{netip.MustParseAddr("10.96.0.10"), netip.MustParseAddr("fd00:96::a")},
 		UDPPolicy:  UDPDrop,
 	}

@@ -1,5 +1,5 @@
 // Package capture installs, verifies and removes the iptables rules that send a pod's
-// outbound TCP to the egress-guard sidecar.
+// outbound TCP to the egress-guard sidecar and drop the rest of its egress.
 //
 // The work is split the way Istio's iptables tool splits it: a Plan is built from the
 // configuration as plain data (so --dry-run prints exactly what would be applied and tests can
@@ -17,17 +17,19 @@ import (
 	"github.com/egress-guard/egress-guard/pkg/contract"
 )
 
-// UDP policies for non-DNS UDP from the app.
+// UDP policies for non-DNS UDP from the app. Every other protocol the app sends (UDP-Lite,
+// SCTP, ICMP echo through ping sockets, raw IP) is dropped whatever the policy.
 const (
 	UDPDrop   = "drop"   // silently: QUIC clients fall back to TCP, which is captured
 	UDPReject = "reject" // with ICMP port unreachable: faster fallback, visible to the app
 	UDPAllow  = "allow"  // not captured: UDP leaves the pod unproxied
 )
 
-// Config is what the installer is asked to do.
+// Config is what the installer is asked to do. Only the proxy's UID is exempt from capture:
+// a group is not an identity the app cannot take (its primary group, a setgid binary), so
+// there is no proxy GID here.
 type Config struct {
 	ProxyUID     uint32
-	ProxyGID     uint32
 	RedirectPort uint16
 	ExcludeCIDRs []netip.Prefix
 	ExcludePorts []uint16 // outbound destination TCP ports left alone
@@ -72,7 +74,6 @@ func BuildPlan(cfg Config, fam Family) Plan {
 		loopback = "::1/128"
 	}
 	uid := strconv.FormatUint(uint64(cfg.ProxyUID), 10)
-	gid := strconv.FormatUint(uint64(cfg.ProxyGID), 10)
 	var dns []string
 	for _, a := range cfg.DNSServers {
 		if a.Is4() == (fam == IPv4) {
@@ -90,7 +91,6 @@ func BuildPlan(cfg Config, fam Family) Plan {
 	// the resolvers, and every other TCP connection goes to the sidecar.
 	nat := []Rule{
 		{"-m", "owner", "--uid-owner", uid, "-j", "RETURN"},
-		{"-m", "owner", "--gid-owner", gid, "-j", "RETURN"},
 		{"-d", loopback, "-j", "RETURN"},
 	}
 	for _, p := range excluded {
@@ -104,24 +104,45 @@ func BuildPlan(cfg Config, fam Family) Plan {
 	}
 	nat = append(nat, Rule{"-p", "tcp", "-j", "REDIRECT", "--to-ports", strconv.Itoa(int(cfg.RedirectPort))})
 
-	// filter: accept the proxy and loopback; DNS only to the resolvers; other UDP per policy.
-	// TCP needs no rule here: nat already sent it to loopback.
+	// filter: what may leave the pod without the sidecar, then a DROP for everything else
+	// (UDP-Lite, SCTP, ICMP echo from ping sockets, raw IP...). TCP that nat redirected is
+	// accepted by its new destination: it goes out through lo, but OUTPUT's hooks all see the
+	// interface routed before nat, so "-o lo" does not match it.
 	filter := []Rule{
 		{"-m", "owner", "--uid-owner", uid, "-j", "ACCEPT"},
-		{"-m", "owner", "--gid-owner", gid, "-j", "ACCEPT"},
 		{"-o", "lo", "-j", "ACCEPT"},
+		{"-d", hostPrefix(redirectAddr(fam)), "-p", "tcp", "-m", "tcp", "--dport", strconv.Itoa(int(cfg.RedirectPort)), "-j", "ACCEPT"},
 	}
 	for _, p := range excluded {
 		filter = append(filter, Rule{"-d", p, "-j", "ACCEPT"})
+	}
+	for _, port := range cfg.ExcludePorts {
+		filter = append(filter, Rule{"-p", "tcp", "-m", "tcp", "--dport", strconv.Itoa(int(port)), "-j", "ACCEPT"})
 	}
 	for _, d := range dns {
 		filter = append(filter,
 			Rule{"-d", d, "-p", "udp", "-m", "udp", "--dport", "53", "-j", "ACCEPT"},
 			Rule{"-d", d, "-p", "tcp", "-m", "tcp", "--dport", "53", "-j", "ACCEPT"})
 	}
+	// Replies of connections made to the pod (its servers, the kernel's echo replies and
+	// resets), and ICMP errors about tracked connections.
+	icmp := "icmp"
+	if fam == IPv6 {
+		icmp = "ipv6-icmp"
+	}
+	filter = append(filter,
+		Rule{"-m", "conntrack", "--ctdir", "REPLY", "-j", "ACCEPT"},
+		Rule{"-p", icmp, "-m", "conntrack", "--ctstate", "RELATED", "-j", "ACCEPT"})
+	if fam == IPv6 {
+		// What IPv6 itself needs: neighbour solicitation and advertisement, router
+		// solicitation, MLDv2 reports, packet too big.
+		for _, typ := range []string{"135", "136", "133", "143", "2"} {
+			filter = append(filter, Rule{"-p", icmp, "-m", "icmp6", "--icmpv6-type", typ, "-j", "ACCEPT"})
+		}
+	}
 	switch cfg.UDPPolicy {
-	case UDPDrop:
-		filter = append(filter, Rule{"-p", "udp", "-j", "DROP"})
+	case UDPAllow:
+		filter = append(filter, Rule{"-p", "udp", "-j", "ACCEPT"})
 	case UDPReject:
 		unreach := "icmp-port-unreachable"
 		if fam == IPv6 {
@@ -129,10 +150,19 @@ func BuildPlan(cfg Config, fam Family) Plan {
 		}
 		filter = append(filter, Rule{"-p", "udp", "-j", "REJECT", "--reject-with", unreach})
 	}
+	filter = append(filter, Rule{"-j", "DROP"})
 	return Plan{Family: fam, Tables: []TablePlan{
 		{Table: "nat", Chain: contract.NatChain, Rules: nat},          // redirects
 		{Table: "filter", Chain: contract.FilterChain, Rules: filter}, // drops what must not leave directly
 	}}
+}
+
+// redirectAddr is where REDIRECT sends locally made connections.
+func redirectAddr(fam Family) netip.Addr {
+	if fam == IPv6 {
+		return netip.IPv6Loopback()
+	}
+	return netip.AddrFrom4([4]byte{127, 0, 0, 1})
 }
 
 func hostPrefix(a netip.Addr) string {

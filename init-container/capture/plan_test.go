@@ -8,7 +8,7 @@ import (
 
 func TestPlanIPv4(t *testing.T) {
 	cfg := Config{
-		ProxyUID: 15337, ProxyGID: 15338, RedirectPort: 15001,
+		ProxyUID: 15337, RedirectPort: 15001,
 		ExcludeCIDRs: []netip.Prefix{netip.MustParsePrefix("10.96.0.0/12"), netip.MustParsePrefix("fd00:96::/64")},
 		ExcludePorts: []uint16{5432},
 		DNSServers:   []netip.Addr{netip.MustParseAddr("10.96.0.10"), netip.MustParseAddr("fd00:96::a")},
@@ -19,7 +19,6 @@ func TestPlanIPv4(t *testing.T) {
 :EGRESS_GUARD_OUTPUT - [0:0]
 -I OUTPUT 1 -j EGRESS_GUARD_OUTPUT
 -A EGRESS_GUARD_OUTPUT -m owner --uid-owner 15337 -j RETURN
--A EGRESS_GUARD_OUTPUT -m owner --gid-owner 15338 -j RETURN
 -A EGRESS_GUARD_OUTPUT -d 127.0.0.0/8 -j RETURN
 -A EGRESS_GUARD_OUTPUT -d 10.96.0.0/12 -j RETURN
 -A EGRESS_GUARD_OUTPUT -p tcp -m tcp --dport 5432 -j RETURN
@@ -30,12 +29,15 @@ COMMIT
 :EGRESS_GUARD_FILTER - [0:0]
 -I OUTPUT 1 -j EGRESS_GUARD_FILTER
 -A EGRESS_GUARD_FILTER -m owner --uid-owner 15337 -j ACCEPT
--A EGRESS_GUARD_FILTER -m owner --gid-owner 15338 -j ACCEPT
 -A EGRESS_GUARD_FILTER -o lo -j ACCEPT
+-A EGRESS_GUARD_FILTER -d 127.0.0.1/32 -p tcp -m tcp --dport 15001 -j ACCEPT
 -A EGRESS_GUARD_FILTER -d 10.96.0.0/12 -j ACCEPT
+-A EGRESS_GUARD_FILTER -p tcp -m tcp --dport 5432 -j ACCEPT
 -A EGRESS_GUARD_FILTER -d 10.96.0.10/32 -p udp -m udp --dport 53 -j ACCEPT
 -A EGRESS_GUARD_FILTER -d 10.96.0.10/32 -p tcp -m tcp --dport 53 -j ACCEPT
--A EGRESS_GUARD_FILTER -p udp -j DROP
+-A EGRESS_GUARD_FILTER -m conntrack --ctdir REPLY -j ACCEPT
+-A EGRESS_GUARD_FILTER -p icmp -m conntrack --ctstate RELATED -j ACCEPT
+-A EGRESS_GUARD_FILTER -j DROP
 COMMIT
 `
 	if got := BuildPlan(cfg, IPv4).String(); got != want {
@@ -52,17 +54,74 @@ COMMIT
 	}
 }
 
+// Whatever the app sends that no rule lets out (UDP-Lite, ICMP echo from a ping socket, raw
+// IP) ends in the filter chain's last rule, a DROP; before it come only the proxy UID,
+// loopback, exclusions, DNS to the resolvers, replies, and what IPv6 itself needs.
+func TestPlanFilterEndsInDrop(t *testing.T) {
+	cfg := Config{
+		ProxyUID: 15337, RedirectPort: 15001,
+		ExcludeCIDRs: []netip.Prefix{netip.MustParsePrefix("fd00:96::/64")},
+		ExcludePorts: []uint16{5432},
+		DNSServers:   []netip.Addr{netip.MustParseAddr("fd00:96::a")},
+		UDPPolicy:    UDPDrop,
+	}
+	want := []string{
+		"-m owner --uid-owner 15337 -j ACCEPT",
+		"-o lo -j ACCEPT",
+		"-d ::1/128 -p tcp -m tcp --dport 15001 -j ACCEPT", // redirected to the sidecar
+		"-d fd00:96::/64 -j ACCEPT",
+		"-p tcp -m tcp --dport 5432 -j ACCEPT",
+		"-d fd00:96::a/128 -p udp -m udp --dport 53 -j ACCEPT",
+		"-d fd00:96::a/128 -p tcp -m tcp --dport 53 -j ACCEPT",
+		"-m conntrack --ctdir REPLY -j ACCEPT",
+		"-p ipv6-icmp -m conntrack --ctstate RELATED -j ACCEPT",
+		"-p ipv6-icmp -m icmp6 --icmpv6-type 135 -j ACCEPT", // neighbour solicitation
+		"-p ipv6-icmp -m icmp6 --icmpv6-type 136 -j ACCEPT", // neighbour advertisement
+		"-p ipv6-icmp -m icmp6 --icmpv6-type 133 -j ACCEPT", // router solicitation
+		"-p ipv6-icmp -m icmp6 --icmpv6-type 143 -j ACCEPT", // MLDv2 report
+		"-p ipv6-icmp -m icmp6 --icmpv6-type 2 -j ACCEPT",   // packet too big
+		"-j DROP",
+	}
+	var got []string
+	for _, r := range BuildPlan(cfg, IPv6).Tables[1].Rules {
+		got = append(got, r.String())
+	}
+	if strings.Join(got, "\n") != strings.Join(want, "\n") {
+		t.Fatalf("IPv6 filter chain:\n%s\nwant:\n%s", strings.Join(got, "\n"), strings.Join(want, "\n"))
+	}
+}
+
+// Only the proxy's UID is exempt: no rule may match on a group, which the app can take.
+func TestPlanExemptsNoGroup(t *testing.T) {
+	cfg := Config{ProxyUID: 15337, RedirectPort: 15001, UDPPolicy: UDPAllow}
+	for _, fam := range []Family{IPv4, IPv6} {
+		if p := BuildPlan(cfg, fam).String(); strings.Contains(p, "gid-owner") {
+			t.Errorf("%s plan exempts a group:\n%s", fam, p)
+		}
+	}
+}
+
 func TestPlanUDPPolicies(t *testing.T) {
-	base := Config{ProxyUID: 1, ProxyGID: 1, RedirectPort: 15001}
+	base := Config{ProxyUID: 1, RedirectPort: 15001}
 	for policy, want := range map[string]string{
-		UDPDrop:   "-p udp -j DROP",
+		UDPDrop:   "",
 		UDPReject: "-p udp -j REJECT --reject-with icmp-port-unreachable",
-		UDPAllow:  "",
+		UDPAllow:  "-p udp -j ACCEPT",
 	} {
 		base.UDPPolicy = policy
-		got := BuildPlan(base, IPv4).String()
-		if want != "" && !strings.Contains(got, want) || want == "" && strings.Contains(got, "-p udp -j") {
-			t.Errorf("%s: plan\n%s", policy, got)
+		rules := BuildPlan(base, IPv4).Tables[1].Rules
+		var udp []string
+		for _, r := range rules {
+			if s := r.String(); strings.HasPrefix(s, "-p udp -j") {
+				udp = append(udp, s)
+			}
+		}
+		if want == "" && len(udp) != 0 || want != "" && (len(udp) != 1 || udp[0] != want) {
+			t.Errorf("%s: UDP rules %q, want %q", policy, udp, want)
+		}
+		// The policy is for UDP only: everything else still ends in the DROP.
+		if last := rules[len(rules)-1].String(); last != "-j DROP" {
+			t.Errorf("%s: last filter rule %q, want -j DROP", policy, last)
 		}
 	}
 	base.UDPPolicy = UDPReject

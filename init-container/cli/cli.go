@@ -23,6 +23,7 @@ import (
 // Options are the parsed flags.
 type Options struct {
 	Config   capture.Config
+	ProxyGID uint32 // --proxy-gid: accepted for compatibility, exempts nothing
 	DryRun   bool
 	Cleanup  bool
 	SelfTest bool
@@ -57,13 +58,14 @@ func declare(o *Options, resolvConf string) *settings.Set {
 			c.ProxyUID = uint32(n)
 			return nil
 		})
-	s.Uint32(&c.ProxyGID, contract.EnvProxyGID, "proxy-gid", strconv.Itoa(contract.ProxyGID), "GID of the sidecar")
+	s.Uint32(&o.ProxyGID, contract.EnvProxyGID, "proxy-gid", strconv.Itoa(contract.ProxyGID),
+		"deprecated, unused: accepted for compatibility; a group exempts nothing from capture (an app can run with any group), only --proxy-uid does")
 	s.Port(&c.RedirectPort, contract.EnvRedirectPort, "redirect-port", strconv.Itoa(contract.TransparentPort), "the sidecar's transparent port")
 	s.Prefixes(&c.ExcludeCIDRs, contract.EnvExcludeCIDRs, "exclude-cidrs", "", "comma-separated destination CIDRs not captured")
 	s.Ports(&c.ExcludePorts, contract.EnvExcludePorts, "exclude-ports", "", "comma-separated destination TCP ports not captured")
 	s.Addrs(&c.DNSServers, contract.EnvDNSServers, "dns-servers", "", "comma-separated resolvers DNS may go to; default: the nameservers of "+resolvConf)
 	s.OneOf(&c.UDPPolicy, []string{capture.UDPDrop, capture.UDPReject, capture.UDPAllow}, contract.EnvUDPPolicy, "udp-policy", capture.UDPDrop,
-		"non-DNS UDP: drop (QUIC falls back to TCP, which is captured), reject or allow")
+		"non-DNS UDP: drop (QUIC falls back to TCP, which is captured), reject or allow; other non-TCP egress (UDP-Lite, ICMP echo, raw IP) is always dropped")
 	s.OneOf(&o.Backend, []string{"auto", string(capture.BackendNFT), string(capture.BackendLegacy)}, EnvIPTablesBackend, "iptables-backend", "auto",
 		"auto (look at which nat table holds rules), nft or legacy")
 	s.Bool(&o.DryRun, EnvDryRun, "dry-run", "false", "print the plan and change nothing")
@@ -93,7 +95,10 @@ func Parse(args []string, getenv func(string) string, resolvConf string) (Option
 func PrintUsage(w io.Writer, resolvConf string) {
 	fmt.Fprintf(w, "Usage: %s [flags]\n\n", name)
 	fmt.Fprintf(w, "Installs, verifies and self-tests the iptables rules that send the pod's outbound TCP to\n")
-	fmt.Fprintf(w, "the egress-guard sidecar. Each flag can also be set by its environment variable; a flag wins.\n\n")
+	fmt.Fprintf(w, "the egress-guard sidecar and drop its other egress (only DNS to the resolvers, --udp-policy\n")
+	fmt.Fprintf(w, "allow UDP, exclusions and replies to connections made to the pod leave directly). IPv6 is\n")
+	fmt.Fprintf(w, "captured whenever the kernel has it. Each flag can also be set by its environment variable;\n")
+	fmt.Fprintf(w, "a flag wins.\n\n")
 	declare(new(Options), resolvConf).PrintUsage(w)
 	fmt.Fprintf(w, "\nExit codes: 0 done, 1 failed, 2 bad usage.\n")
 }
@@ -162,15 +167,18 @@ func run(o Options, out io.Writer) error {
 		return err
 	}
 	families := []capture.Family{capture.IPv4}
-	if v6.Enabled {
+	if v6.Kernel {
 		families = append(families, capture.IPv6)
 	}
 	if o.DryRun {
 		for _, fam := range families {
 			fmt.Fprint(out, capture.BuildPlan(o.Config, fam))
 		}
-		if !v6.Enabled {
-			fmt.Fprintln(out, "# IPv6 is disabled in this namespace: no ip6tables rules")
+		switch {
+		case !v6.Kernel:
+			fmt.Fprintln(out, "# the kernel has no IPv6 in this namespace: no ip6tables rules")
+		case v6.Enabled == "":
+			fmt.Fprintln(out, "# IPv6 is disabled on every interface: its rules are applied if ip6tables works, skipped if not")
 		}
 		return nil
 	}
@@ -192,10 +200,14 @@ func run(o Options, out io.Writer) error {
 	}
 	installers = append(installers, in4)
 	var in6 *capture.Installer
-	if v6.Enabled {
+	if v6.Kernel {
 		in6, err = capture.NewInstaller(backend, capture.IPv6)
 		if err != nil {
-			return refuseV6(v6, err)
+			if err := refuseV6(v6, err); err != nil {
+				return err
+			}
+			fmt.Fprintf(out, "IPv6 is disabled on every interface and ip6tables cannot be used (%v): no ip6tables rules\n", err)
+			in6 = nil
 		}
 	}
 
@@ -217,14 +229,23 @@ func run(o Options, out io.Writer) error {
 		return err
 	}
 	fmt.Fprintf(out, "IPv4 rules %s\n", state(changed))
-	if in6 != nil {
+	switch {
+	case in6 != nil:
 		changed, err := in6.Apply(capture.BuildPlan(o.Config, capture.IPv6))
 		if err != nil {
-			return refuseV6(v6, err)
+			if err := refuseV6(v6, err); err != nil {
+				return err
+			}
+			fmt.Fprintf(out, "IPv6 is disabled on every interface and its rules could not be applied (%v)\n", err)
+			in6 = nil
+			break
+		}
+		if v6.Enabled == "" {
+			fmt.Fprintln(out, "IPv6 is disabled on every interface; its rules are installed anyway")
 		}
 		fmt.Fprintf(out, "IPv6 rules %s\n", state(changed))
-	} else {
-		fmt.Fprintln(out, "IPv6 is disabled in this namespace: no ip6tables rules needed")
+	case !v6.Kernel:
+		fmt.Fprintln(out, "the kernel has no IPv6 in this namespace: no ip6tables rules needed")
 	}
 
 	if !o.SelfTest {
@@ -255,9 +276,14 @@ func run(o Options, out io.Writer) error {
 	return nil
 }
 
-// refuseV6 fails loudly: leaving IPv6 uncaptured is an open door.
+// refuseV6 fails loudly when IPv6 can be sent: leaving it uncaptured is an open door. With
+// IPv6 disabled on every interface (which only CAP_NET_ADMIN can undo) nothing can be sent
+// uncaptured, and it returns nil.
 func refuseV6(v6 capture.IPv6Presence, err error) error {
-	where := "IPv6 is enabled"
+	if v6.Enabled == "" {
+		return nil
+	}
+	where := "IPv6 is enabled (" + v6.Enabled + ")"
 	if v6.Global != "" {
 		where = "pod has IPv6 address " + v6.Global
 	}
@@ -267,7 +293,7 @@ func refuseV6(v6 capture.IPv6Presence, err error) error {
 // probeUser picks an ordinary user for the self-test's client, distinct from the proxy's.
 func probeUser(c capture.Config) (uint32, uint32) {
 	uid, gid := uint32(65534), uint32(65534)
-	if c.ProxyUID == uid || c.ProxyGID == gid {
+	if c.ProxyUID == uid {
 		uid, gid = 65533, 65533
 	}
 	return uid, gid

@@ -22,7 +22,7 @@ func TestParseDefaultsAndResolvConf(t *testing.T) {
 		t.Fatal(err)
 	}
 	c := o.Config
-	if c.ProxyUID != 15337 || c.ProxyGID != 15337 || c.RedirectPort != 15001 || c.UDPPolicy != "drop" || !o.SelfTest || o.DryRun || o.Cleanup || o.Backend != "auto" {
+	if c.ProxyUID != 15337 || o.ProxyGID != 15337 || c.RedirectPort != 15001 || c.UDPPolicy != "drop" || !o.SelfTest || o.DryRun || o.Cleanup || o.Backend != "auto" {
 		t.Fatalf("defaults: %+v", o)
 	}
 	if len(c.DNSServers) != 2 || c.DNSServers[0] != netip.MustParseAddr("10.96.0.10") || c.DNSServers[1] != netip.MustParseAddr("fe80::1") {

@@ -192,7 +192,9 @@ func dropCount(ctx context.Context, lab *netlab.Lab) string {
 	out, _ := lab.Pod.Run(ctx, "iptables", "-L", contract.FilterChain, "-v", "-n", "-x")
 	for _, l := range strings.Split(out, "\n") {
 		f := strings.Fields(l)
-		if len(f) > 3 && f[2] == "DROP" && f[3] == "17" {
+		// The chain's final rule drops everything the rules before it did not accept
+		// (protocol "0": any), the QUIC datagram included.
+		if len(f) > 3 && f[2] == "DROP" && (f[3] == "17" || f[3] == "0" || f[3] == "all") {
 			return f[0] + " packets dropped so far"
 		}
 	}

@@ -35,6 +35,9 @@ type Record struct {
 	BytesUp     int64 // client to destination
 	BytesDown   int64 // destination to client
 	CloseReason outcome.CloseReason
+	Request     int    // the request's number on a keep-alive connection (forwarded plain HTTP), from 1
+	ECH         bool   // the ClientHello carried encrypted_client_hello: its SNI is only the outer name
+	Hint        string // a fixed explanation for an operator, e.g. why a server-first connection was denied
 }
 
 // Logger writes decision and close lines.
@@ -87,6 +90,15 @@ func (r *Record) common(reason string) []slog.Attr {
 	)
 	if r.SNI != "" {
 		attrs = append(attrs, slog.String("sni", r.SNI))
+	}
+	if r.Request > 0 {
+		attrs = append(attrs, slog.Int("request", r.Request))
+	}
+	if r.ECH {
+		attrs = append(attrs, slog.Bool("ech", true))
+	}
+	if r.Hint != "" {
+		attrs = append(attrs, slog.String("hint", r.Hint))
 	}
 	if r.Upstream.IsValid() {
 		attrs = append(attrs, slog.String("upstream", r.Upstream.String()))

@@ -1,13 +1,18 @@
 // Package addrclass says which IP addresses are internal.
 //
 // The proxy resolves every name itself and classifies each answer before dialing, so that an
-// allowed public name (or a wildcard) never becomes a path to the cloud metadata service, a
-// node's kubelet, or a private network. IPv6 forms that embed an IPv4 address (mapped,
-// compatible, NAT64, 6to4, Teredo) are classified by what they embed: the kernel or a
-// translator on the path would deliver them there.
+// allowed public name (or a wildcard) never becomes a path to the cloud metadata service or
+// another cloud platform endpoint, a node's kubelet, a private network, or the proxy itself.
+// IPv6 forms that embed an IPv4 address (mapped, compatible, NAT64, 6to4, Teredo) are
+// classified by what they embed: the kernel or a translator on the path would deliver them
+// there.
 package addrclass
 
-import "net/netip"
+import (
+	"net/netip"
+	"slices"
+	"sync/atomic"
+)
 
 // Class is the kind of an address. Every class but Public is internal.
 type Class uint8
@@ -23,11 +28,12 @@ const (
 	CGNAT             // 100.64.0.0/10
 	ULA               // fc00::/7
 	Reserved          // 240.0.0.0/4, 192.0.0.0/24
-	Self              // one of the proxy's own addresses
+	Self              // one of the proxy's own addresses; wins over every other class
 	Configured        // an operator-configured internal range
+	Platform          // a cloud platform endpoint in otherwise public space (see ranges)
 )
 
-var classNames = [...]string{"public", "loopback", "link_local", "unspecified", "multicast", "private", "cgnat", "ula", "reserved", "self", "configured"}
+var classNames = [...]string{"public", "loopback", "link_local", "unspecified", "multicast", "private", "cgnat", "ula", "reserved", "self", "configured", "platform"}
 
 func (c Class) String() string {
 	if int(c) < len(classNames) {
@@ -47,12 +53,31 @@ type rangeClass struct {
 // ranges is the whole list of internal ranges, most specific first where they nest
 // (broadcast before reserved). 198.18.0.0/15 (benchmarking) and the documentation ranges are
 // deliberately absent: they are not internal networks.
+//
+// Cloud platform endpoints must be as unreachable as the metadata address: never through a
+// name (not even with allow_internal), only through an IP rule for exactly that address.
+//   - 169.254.169.254, instance metadata of AWS, GCP, Azure, OCI, DigitalOcean, OpenStack,
+//     Hetzner and others: LinkLocal already, as are AWS's Route 53 Resolver 169.254.169.253
+//     and Time Sync 169.254.169.123, the ECS task metadata 169.254.170.2 and Tencent's
+//     169.254.0.23;
+//   - Platform (listed below, before the ranges that contain them): Azure's WireServer
+//     168.63.129.16 (public space), AWS instance metadata over IPv6 fd00:ec2::254 with its DNS
+//     ::253 and time ::123, GCP metadata over IPv6 fd20:ce::254 (all inside the ULA range,
+//     where an allow_internal name or an fd00::/8 pod-network rule would otherwise reach
+//     them), and Alibaba Cloud metadata 100.100.100.200 (inside CGNAT, often a pod range).
+//
+// Anything else an operator considers a platform endpoint goes in INTERNAL_CIDRS (Configured).
 var ranges = []rangeClass{
 	{netip.MustParsePrefix("255.255.255.255/32"), Multicast},
 	{netip.MustParsePrefix("0.0.0.0/8"), Unspecified},
 	{netip.MustParsePrefix("10.0.0.0/8"), Private},
+	{netip.MustParsePrefix("100.100.100.200/32"), Platform}, // Alibaba Cloud metadata
 	{netip.MustParsePrefix("100.64.0.0/10"), CGNAT},
 	{netip.MustParsePrefix("127.0.0.0/8"), Loopback},
+	// Azure WireServer: the host agent endpoint VM agents and extensions talk to (goal state,
+	// certificates, extension settings), also Azure's DNS resolver, DHCP server and health
+	// probe source. A public address that is only ever the local host's.
+	{netip.MustParsePrefix("168.63.129.16/32"), Platform},
 	{netip.MustParsePrefix("169.254.0.0/16"), LinkLocal},
 	{netip.MustParsePrefix("172.16.0.0/12"), Private},
 	{netip.MustParsePrefix("192.0.0.0/24"), Reserved},
@@ -61,6 +86,10 @@ var ranges = []rangeClass{
 	{netip.MustParsePrefix("240.0.0.0/4"), Reserved},
 	{netip.MustParsePrefix("::/128"), Unspecified},
 	{netip.MustParsePrefix("::1/128"), Loopback},
+	{netip.MustParsePrefix("fd00:ec2::123/128"), Platform}, // AWS time sync over IPv6
+	{netip.MustParsePrefix("fd00:ec2::253/128"), Platform}, // AWS DNS over IPv6
+	{netip.MustParsePrefix("fd00:ec2::254/128"), Platform}, // AWS instance metadata over IPv6
+	{netip.MustParsePrefix("fd20:ce::254/128"), Platform},  // GCP metadata over IPv6
 	{netip.MustParsePrefix("fc00::/7"), ULA},
 	{netip.MustParsePrefix("fe80::/10"), LinkLocal},
 	{netip.MustParsePrefix("ff00::/8"), Multicast},
@@ -77,51 +106,111 @@ var (
 	teredo     = netip.MustParsePrefix("2001::/32")
 )
 
-// Classifier classifies addresses. It is immutable and safe for concurrent use.
+// Classifier classifies addresses. It is safe for concurrent use: the operator's ranges are
+// fixed at New, and the proxy's own addresses are an immutable set that SetSelf swaps
+// atomically. The zero Classifier knows no operator range and no own address.
 type Classifier struct {
 	extra []netip.Prefix
-	self  map[netip.Addr]bool
+	self  atomic.Pointer[selfSet]
+}
+
+// selfSet is an immutable set of own addresses: unzoned, unmapped, sorted, without duplicates.
+type selfSet struct {
+	addrs []netip.Addr
+}
+
+// has reports whether a (unzoned, unmapped) is in the set; a nil set is empty. A pod or a node
+// has a handful of addresses: a linear scan of comparable values beats hashing them.
+func (s *selfSet) has(a netip.Addr) bool {
+	if s == nil {
+		return false
+	}
+	if len(s.addrs) > 16 {
+		_, ok := slices.BinarySearchFunc(s.addrs, a, netip.Addr.Compare)
+		return ok
+	}
+	for _, x := range s.addrs {
+		if x == a {
+			return true
+		}
+	}
+	return false
 }
 
 // New returns a classifier that also treats extra as Configured and self as Self.
 func New(extra []netip.Prefix, self []netip.Addr) *Classifier {
-	c := &Classifier{self: make(map[netip.Addr]bool, len(self))}
+	c := &Classifier{}
 	for _, p := range extra {
 		c.extra = append(c.extra, p.Masked())
 	}
-	for _, a := range self {
-		c.self[a.WithZone("").Unmap()] = true
-	}
+	c.SetSelf(self)
 	return c
+}
+
+// SetSelf replaces the set of the proxy's own addresses, for example after the pod or node
+// gained or lost an address. It copies addrs (ignoring zones and unmapping IPv4-mapped forms)
+// and publishes the new set atomically: it may be called while other goroutines classify, each
+// Classify seeing either the old set or the new one.
+func (c *Classifier) SetSelf(addrs []netip.Addr) {
+	s := &selfSet{addrs: make([]netip.Addr, 0, len(addrs))}
+	for _, a := range addrs {
+		// Loopback stays loopback: it is never reachable through a name either way, and
+		// an operator's 127.0.0.0/8 rule (local services, the benchmarks) keeps its meaning.
+		if a.IsValid() && !a.Unmap().IsLoopback() {
+			s.addrs = append(s.addrs, a.WithZone("").Unmap())
+		}
+	}
+	slices.SortFunc(s.addrs, netip.Addr.Compare)
+	s.addrs = slices.Compact(s.addrs)
+	c.self.Store(s)
 }
 
 // Classify returns the class of addr and the internal range that made it internal (the zero
 // Prefix for Public). For an IPv6 embedding of an internal IPv4 address, the range returned is
 // the embedding prefix itself, so that only a rule written for that IPv6 form names it.
+//
+// The proxy's own addresses are looked up first, in every form (plain, and the IPv4 address an
+// IPv6 form embeds), so Self wins over every range class: the pod IP is RFC 1918 or ULA, yet
+// it is Self. (Loopback addresses are not taken into the own set: they stay Loopback.) Its range is the address itself (/32, or /128 for an
+// IPv6 form), so only an IP rule for exactly that address names it.
+//
+// Classify does not allocate.
 func (c *Classifier) Classify(addr netip.Addr) (Class, netip.Prefix) {
 	addr = addr.WithZone("")
+	self := c.self.Load()
 	if addr.Is4In6() {
-		if cl, _ := c.classify(addr.Unmap()); cl.Internal() {
+		v4 := addr.Unmap()
+		if self.has(v4) {
+			return Self, netip.PrefixFrom(addr, 128)
+		}
+		if cl, _ := c.classify(v4); cl.Internal() {
 			return cl, mapped
 		}
 		return Public, netip.Prefix{}
+	}
+	if self.has(addr) {
+		return Self, netip.PrefixFrom(addr, addr.BitLen())
 	}
 	if cl, p := c.classify(addr); cl.Internal() {
 		return cl, p
 	}
 	if addr.Is6() {
-		for _, e := range embedded(addr) {
-			if cl, _ := c.classify(e.v4); cl.Internal() {
-				return cl, e.prefix
+		v4s, n, prefix := embedded(addr)
+		for _, v4 := range v4s[:n] {
+			if self.has(v4) {
+				return Self, netip.PrefixFrom(addr, 128)
+			}
+		}
+		for _, v4 := range v4s[:n] {
+			if cl, _ := c.classify(v4); cl.Internal() {
+				return cl, prefix
 			}
 		}
 	}
 	return Public, netip.Prefix{}
 }
 
-// classify looks addr up in the static table, the operator's ranges and the own addresses.
-// The static table comes first so that, for example, 127.0.0.1 is Loopback (and named by a
-// 127.0.0.0/8 rule) even though it is also one of the proxy's own addresses.
+// classify looks addr up in the static table, then in the operator's ranges.
 func (c *Classifier) classify(addr netip.Addr) (Class, netip.Prefix) {
 	for _, r := range ranges {
 		if r.prefix.Contains(addr) {
@@ -133,38 +222,32 @@ func (c *Classifier) classify(addr netip.Addr) (Class, netip.Prefix) {
 			return Configured, p
 		}
 	}
-	if c.self[addr] {
-		return Self, netip.PrefixFrom(addr, addr.BitLen())
-	}
 	return Public, netip.Prefix{}
 }
 
-type embedding struct {
-	v4     netip.Addr
-	prefix netip.Prefix
-}
-
-// embedded returns the IPv4 addresses an IPv6 address carries, with the form's prefix.
-func embedded(a netip.Addr) []embedding {
+// embedded returns the IPv4 addresses an IPv6 address carries (the first n of v4s: none, one,
+// or Teredo's client and server) and the form's prefix. It returns an array, not a slice, so
+// that Classify does not allocate.
+func embedded(a netip.Addr) (v4s [2]netip.Addr, n int, prefix netip.Prefix) {
 	b := a.As16()
 	last := netip.AddrFrom4([4]byte{b[12], b[13], b[14], b[15]})
 	switch {
 	case translated.Contains(a):
-		return []embedding{{last, translated}}
+		return [2]netip.Addr{last}, 1, translated
 	case compatible.Contains(a): // :: and ::1 were classified already
-		return []embedding{{last, compatible}}
+		return [2]netip.Addr{last}, 1, compatible
 	case nat64.Contains(a):
-		return []embedding{{last, nat64}}
+		return [2]netip.Addr{last}, 1, nat64
 	case nat64Local.Contains(a):
-		return []embedding{{last, nat64Local}}
+		return [2]netip.Addr{last}, 1, nat64Local
 	case sixToFour.Contains(a):
-		return []embedding{{netip.AddrFrom4([4]byte{b[2], b[3], b[4], b[5]}), sixToFour}}
+		return [2]netip.Addr{netip.AddrFrom4([4]byte{b[2], b[3], b[4], b[5]})}, 1, sixToFour
 	case teredo.Contains(a):
 		server := netip.AddrFrom4([4]byte{b[4], b[5], b[6], b[7]})
 		client := netip.AddrFrom4([4]byte{^b[12], ^b[13], ^b[14], ^b[15]})
-		return []embedding{{client, teredo}, {server, teredo}}
+		return [2]netip.Addr{client, server}, 2, teredo
 	}
-	return nil
+	return v4s, 0, netip.Prefix{}
 }
 
 // NamedBy reports whether a rule for prefix rule explicitly names the internal range that
@@ -173,7 +256,8 @@ func embedded(a netip.Addr) []embedding {
 //
 // This is the invariant that keeps broad rules from opening internal networks: 10.0.0.0/24
 // names 10.0.0.5 (inside 10/8), 169.254.169.254/32 names the metadata address, but 0.0.0.0/0
-// or 8.0.0.0/5 name no internal address even though they contain some. Callers pass unmapped
+// or 8.0.0.0/5 name no internal address even though they contain some. A Platform or Self
+// address's range is the address alone, so only a rule for exactly it names it. Callers pass unmapped
 // addresses (the proxy unmaps every resolved and literal address); a mapped address is then
 // named only by a rule written in its IPv6 form.
 func NamedBy(rule netip.Prefix, addr netip.Addr, internal netip.Prefix) bool {

@@ -153,6 +153,25 @@ func (d *Decider) reachable(id *policy.Identity, rule *policy.Rule, a netip.Addr
 	return false
 }
 
+// StillAllows re-checks an established connection against a (new) policy: the identity's
+// rules must still match the target (audit mode still lets anything through), and the address
+// the connection went to must still be reachable for the identity. Nothing is resolved.
+func (d *Decider) StillAllows(id *policy.Identity, t Target, upstream netip.Addr, known *KnownAddrs) bool {
+	var rule *policy.Rule
+	if t.IsName() {
+		rule = id.MatchName(t.Host, t.Port)
+	} else {
+		rule = id.MatchAddr(t.Addr, t.Port)
+		if rule == nil {
+			rule = known.Lookup(t.Addr, t.Port)
+		}
+	}
+	if rule == nil && id.Mode != policy.ModeAudit {
+		return false
+	}
+	return !upstream.IsValid() || d.reachable(id, rule, upstream, t.Port)
+}
+
 // CheckSNI applies the result of a CONNECT tunnel's ClientHello check to an allowed verdict:
 // reason is 0 when the ClientHello named the CONNECT host, else SNIMismatch, SNIMissing or
 // NoClientHello. An audit-mode identity is let through and the would-be denial recorded.
@@ -165,4 +184,19 @@ func CheckSNI(v Verdict, mode policy.Mode, reason outcome.Reason) Verdict {
 		return v
 	}
 	return Verdict{Action: outcome.Denied, Reason: reason, Rule: v.Rule}
+}
+
+// CheckECH applies the ECH setting to an allowed verdict. A ClientHello with
+// encrypted_client_hello names only its outer (public) name in the SNI: behind a CDN that name
+// decides for every site the CDN serves. With denyECH, such a ClientHello is refused unless the
+// matched rule opts in (ech: allow); an audit-mode identity is let through and recorded.
+func CheckECH(v Verdict, mode policy.Mode, ech, denyECH bool) Verdict {
+	if !ech || !denyECH || !v.Proceeds() || (v.Rule != nil && v.Rule.AllowECH) {
+		return v
+	}
+	if mode == policy.ModeAudit {
+		v.Action, v.Reason = outcome.Audit, outcome.ECHNotAllowed
+		return v
+	}
+	return Verdict{Action: outcome.Denied, Reason: outcome.ECHNotAllowed, Rule: v.Rule}
 }

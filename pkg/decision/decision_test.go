@@ -40,6 +40,9 @@ var classAddrs = map[string]string{
 	"loopback":    "127.0.0.1",
 	"link_local":  "169.254.169.254",
 	"self":        "198.19.0.1",
+	"self_ula":    "fd12::7",  // a pod IPv6 address: ULA and also the proxy's own
+	"self_pod":    "10.0.0.7", // a pod IP: RFC 1918 and also the proxy's own
+	"platform":    "168.63.129.16",
 	"configured":  "203.0.113.5",
 	"multicast":   "224.0.0.1",
 	"unspecified": "0.0.0.0",
@@ -65,6 +68,12 @@ identities:
     allowed_destinations: ["0.0.0.0/0", "::/0"]
   cidr-private:
     allowed_destinations: ["10.0.0.0/8", "100.64.0.0/10", "fd00::/8", "127.0.0.0/8", "169.254.169.254", "203.0.113.0/24", "198.19.0.1"]
+  cidr-exact:
+    allowed_destinations: ["10.0.0.7", "fd12::7", "168.63.129.16"]
+  cidr-covering:
+    allowed_destinations: ["10.0.0.0/24", "fd12::/64", "168.63.129.0/24"]
+  internal-domain:
+    allowed_destinations: ["db.internal"]
   ports:
     allowed_destinations: ["to.test:443", "198.18.1.0/24:8000-8100"]
   audit:
@@ -74,24 +83,31 @@ identities:
 
 func setup(t *testing.T, class string) (*Decider, *policy.Policy) {
 	t.Helper()
-	pol, err := policy.Parse("test.yaml", []byte(testPolicy), policy.Options{})
+	pol, err := policy.Parse("test.yaml", []byte(testPolicy), policy.Options{InternalDomains: policy.DefaultInternalDomains})
 	if err != nil {
 		t.Fatal(err)
 	}
 	addr := classAddrs[class]
-	r := fakeResolver{"to.test.": {addr}, "a.wild.test.": {addr}, "other.test.": {addr}}
+	r := fakeResolver{"to.test.": {addr}, "a.wild.test.": {addr}, "other.test.": {addr}, "db.internal.": {addr}}
+	self := []netip.Addr{netip.MustParseAddr("198.19.0.1"), netip.MustParseAddr("10.0.0.7"), netip.MustParseAddr("fd12::7")}
 	d := &Decider{
 		Resolver:   r,
-		Classifier: addrclass.New([]netip.Prefix{netip.MustParsePrefix("203.0.113.0/24")}, []netip.Addr{netip.MustParseAddr("198.19.0.1")}),
+		Classifier: addrclass.New([]netip.Prefix{netip.MustParsePrefix("203.0.113.0/24")}, self),
 	}
 	return d, pol
 }
 
 // The full matrix: every rule kind × every address class × enforce and audit. Names resolve
 // to the class's address; address rules are asked with the literal.
+//
+// The proxy's own addresses and the cloud platform endpoints are named only by an IP rule for
+// exactly that address: the proxy's pod IP is RFC 1918 (or ULA) and 168.63.129.16 is public
+// space, yet neither a name with allow_internal (or under INTERNAL_DOMAINS) nor a rule for a
+// range around them (10.0.0.0/8, 10.0.0.0/24, fd00::/8, 168.63.129.0/24) reaches them.
 func TestDecideMatrix(t *testing.T) {
 	private := map[string]bool{"private": true, "cgnat": true, "ula": true, "configured": true}
 	namedByNarrowRule := map[string]bool{"private": true, "cgnat": true, "ula": true, "loopback": true, "link_local": true, "configured": true, "self": true}
+	namedOnlyExactly := map[string]bool{"self_pod": true, "self_ula": true, "platform": true}
 	for class := range classAddrs {
 		internal := class != "public"
 		type tc struct {
@@ -117,9 +133,17 @@ func TestDecideMatrix(t *testing.T) {
 		add("suffix", name("a.wild.test"), !internal)
 		add("exact-internal", name("to.test"), !internal || private[class])
 		add("suffix-internal", name("a.wild.test"), !internal || private[class])
+		add("internal-domain", name("db.internal"), !internal || private[class])
 		add("cidr-broad", lit, !internal)
 		if namedByNarrowRule[class] {
 			add("cidr-private", lit, true)
+		}
+		if namedOnlyExactly[class] {
+			add("cidr-exact", lit, true)
+			add("cidr-covering", lit, false)
+			if class != "platform" {
+				add("cidr-private", lit, false) // 10.0.0.0/8, fd00::/8 contain the pod IP but do not name it
+			}
 		}
 		// Audit relaxes the rule match, never the internal-address guard.
 		if internal {
@@ -206,6 +230,28 @@ func TestDecideKeepsOnlyVettedAddresses(t *testing.T) {
 	}
 	if v.Action != outcome.Allowed || strings.Join(got, ",") != "198.18.1.10" {
 		t.Fatalf("got %s %v (fd00::/8 is ULA, internal)", v.Action, got)
+	}
+}
+
+// The proxy's own addresses may change at run time (the daemon refreshes them): a decision
+// uses the set current when it classifies.
+func TestDecideSelfUpdatedAtRunTime(t *testing.T) {
+	pol, err := policy.Parse("p.yaml", []byte("identities:\n  x:\n    allowed_destinations:\n      - destination: \"db.test\"\n        allow_internal: true\n"), policy.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	d := &Decider{Resolver: fakeResolver{"db.test.": {"10.0.0.9"}}, Classifier: addrclass.New(nil, nil)}
+	id, target := pol.Identity("x"), Target{Host: "db.test", Port: 5432}
+	if v := d.Decide(context.Background(), id, target, nil); v.Action != outcome.Allowed {
+		t.Fatalf("private address through allow_internal: %s %s", v.Action, v.Reason)
+	}
+	d.Classifier.SetSelf([]netip.Addr{netip.MustParseAddr("10.0.0.9")})
+	if v := d.Decide(context.Background(), id, target, nil); v.Action != outcome.Denied || v.Reason != outcome.InternalAddress {
+		t.Fatalf("the proxy's new own address through allow_internal: %s %s", v.Action, v.Reason)
+	}
+	d.Classifier.SetSelf(nil)
+	if v := d.Decide(context.Background(), id, target, nil); v.Action != outcome.Allowed {
+		t.Fatalf("after the address left: %s %s", v.Action, v.Reason)
 	}
 }
 

@@ -132,6 +132,13 @@ func (e *dialError) Error() string {
 
 func (e *dialError) Unwrap() []error { return e.errs }
 
+// IsDialError reports whether err came from Dial (no address accepted the connection), as
+// opposed to a failure after connecting.
+func IsDialError(err error) bool {
+	var de *dialError
+	return errors.As(err, &de)
+}
+
 // IsTimeout reports whether every attempt of a Dial error timed out (a 504 rather than a 502).
 func IsTimeout(err error) bool {
 	var de *dialError

@@ -30,6 +30,7 @@ type Metrics struct {
 	TunnelBytes          *prometheus.CounterVec // identity, direction
 	ConnectionsClosed    *prometheus.CounterVec // reason
 	LastReloadSuccessful prometheus.Gauge
+	Refusals             *prometheus.CounterVec // reason
 }
 
 // New registers every metric on a fresh registry, with the Go and process collectors.
@@ -81,10 +82,14 @@ func New() *Metrics {
 			Name: "egress_proxy_config_last_reload_successful",
 			Help: "1 if the last policy load attempt succeeded, 0 if it failed.",
 		}),
+		Refusals: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "egress_proxy_refusals_total",
+			Help: "Connections refused before any upstream connection, by decision reason (policy, credentials, limits, malformed requests).",
+		}, []string{"reason"}),
 	}
 	r.MustRegister(m.Requests, m.ConfigReloads, m.ConfigLoadErrors, m.AllowedDestinations,
 		m.PolicyHash, m.ActiveTunnels, m.TunnelsRejected, m.AuditWouldDeny, m.TunnelBytes,
-		m.ConnectionsClosed, m.LastReloadSuccessful,
+		m.ConnectionsClosed, m.LastReloadSuccessful, m.Refusals,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
 }

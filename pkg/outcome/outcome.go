@@ -51,13 +51,18 @@ const (
 	SNIMismatch                        // the ClientHello names another host than CONNECT did
 	SNIMissing                         // the ClientHello names no host
 	NoClientHello                      // a TLS port's tunnel did not start with a ClientHello
+	ECHNotAllowed                      // the ClientHello uses ECH and no rule opts in (ECH=deny)
+	PendingLimit                       // too many connections have not yet been decided
+	ClientLimit                        // this client address holds too many undecided connections
+	IdentityLimit                      // this identity holds its maximum of open connections
 	numReasons
 )
 
 var reasonNames = [numReasons]string{"", "rule", "no_matching_rule", "internal_address", "no_credentials",
 	"unknown_api_key", "unknown_identity", "no_original_destination", "proxy_loop", "no_policy",
 	"no_such_host", "resolve_failed", "malformed_request", "header_too_large", "tunnel_limit",
-	"draining", "sni_mismatch", "sni_missing", "no_client_hello"}
+	"draining", "sni_mismatch", "sni_missing", "no_client_hello", "ech_not_allowed", "pending_limit",
+	"client_limit", "identity_limit"}
 
 func (r Reason) String() string {
 	if r > 0 && r < numReasons {
@@ -100,7 +105,7 @@ func StatusOf(r Reason) Status {
 		return StatusBadRequest
 	case NoSuchHost, ResolveFailed:
 		return StatusConnectionFailed
-	case SNIMismatch, SNIMissing, NoClientHello:
+	case SNIMismatch, SNIMissing, NoClientHello, ECHNotAllowed:
 		return StatusSNIMismatch
 	}
 	return StatusDenied
@@ -131,11 +136,12 @@ const (
 	DialFailed                           // the upstream refused or was unreachable
 	DialTimeout                          // the upstream did not answer in time
 	UpstreamError                        // the upstream's HTTP response was missing or malformed
+	PolicyRevoked                        // a new policy no longer allows it
 	numCloseReasons
 )
 
 var closeNames = [numCloseReasons]string{"", "closed", "reset", "idle_timeout", "drain", "refused",
-	"dial_failed", "dial_timeout", "upstream_error"}
+	"dial_failed", "dial_timeout", "upstream_error", "policy_revoked"}
 
 func (c CloseReason) String() string {
 	if c > 0 && c < numCloseReasons {

@@ -9,62 +9,15 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/egress-guard/egress-guard/internal/tlstest"
 )
 
-// captureHello returns the bytes a real crypto/tls client sends first.
-func captureHello(t testing.TB, cfg *tls.Config) []byte {
-	t.Helper()
-	client, server := net.Pipe()
-	defer server.Close()
-	go func() {
-		tls.Client(client, cfg).Handshake()
-		client.Close()
-	}()
-	var buf []byte
-	tmp := make([]byte, 4096)
-	server.SetReadDeadline(time.Now().Add(5 * time.Second))
-	for {
-		n, err := server.Read(tmp)
-		buf = append(buf, tmp[:n]...)
-		if _, perr := ParseClientHello(buf); perr == nil {
-			return buf
-		}
-		if err != nil {
-			t.Fatalf("capturing ClientHello: %v (have %d bytes)", err, len(buf))
-		}
-	}
-}
-
-// reframe splits the handshake message of one-record hello into records of size n.
-func reframe(hello []byte, n int) []byte {
-	msg := hello[recordHeaderLen:]
-	var out []byte
-	for len(msg) > 0 {
-		k := min(n, len(msg))
-		out = append(out, typeHandshake, 3, 1, byte(k>>8), byte(k))
-		out = append(out, msg[:k]...)
-		msg = msg[k:]
-	}
-	return out
-}
-
-// withExtension appends an extension to a single-record ClientHello, fixing every length.
-func withExtension(hello []byte, typ uint16, body []byte) []byte {
-	msg := append([]byte(nil), hello[recordHeaderLen:]...)
-	// Locate the extensions length: walk the fixed fields.
-	p := handshakeHeaderLen + 2 + 32
-	p += 1 + int(msg[p])
-	p += 2 + (int(msg[p])<<8 | int(msg[p+1]))
-	p += 1 + int(msg[p])
-	extLen := int(msg[p])<<8 | int(msg[p+1])
-	ext := append([]byte{byte(typ >> 8), byte(typ), byte(len(body) >> 8), byte(len(body))}, body...)
-	extLen += len(ext)
-	msg[p], msg[p+1] = byte(extLen>>8), byte(extLen)
-	msg = append(msg, ext...)
-	n := len(msg) - handshakeHeaderLen
-	msg[1], msg[2], msg[3] = byte(n>>16), byte(n>>8), byte(n)
-	return reframe(append(make([]byte, recordHeaderLen), msg...), 1<<14)
-}
+var (
+	captureHello  = tlstest.CaptureHello
+	reframe       = tlstest.Reframe
+	withExtension = tlstest.WithExtension
+)
 
 func TestParseRealClientHello(t *testing.T) {
 	raw := captureHello(t, &tls.Config{ServerName: "API.Example.com", NextProtos: []string{"h2", "http/1.1"}})

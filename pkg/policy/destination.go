@@ -32,7 +32,11 @@ type Rule struct {
 	Prefix        netip.Prefix // masked (IP, CIDR)
 	Ports         []PortRange  // empty: any port
 	AllowInternal bool         // may reach private addresses through this name (see Options)
-	Line          int
+	// TLSOptional lets a CONNECT tunnel to a TLS port carry another protocol (ssh over 443);
+	// when it does start with a ClientHello, its SNI must still name the host.
+	TLSOptional bool
+	AllowECH    bool // a ClientHello with encrypted_client_hello may use this rule (ECH=deny)
+	Line        int
 }
 
 // AllowsPort reports whether the rule covers port.

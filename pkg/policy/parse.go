@@ -262,11 +262,23 @@ func parseRule(ps *problems, n *yaml.Node, identity string, opts Options) *Rule 
 		var dest *yaml.Node
 		var ports []PortRange
 		var portsWritten []string
-		allowInternal, portsGiven := false, false
+		allowInternal, portsGiven, tlsOptional, allowECH := false, false, false, false
 		forEachPair(ps, n, identity, func(k, v *yaml.Node) {
 			switch k.Value {
 			case "destination":
 				dest = v
+			case "tls":
+				if v.Kind != yaml.ScalarNode || (v.Value != "required" && v.Value != "optional") {
+					ps.add(v.Line, identity, v.Value, "tls must be required or optional")
+					return
+				}
+				tlsOptional = v.Value == "optional"
+			case "ech":
+				if v.Kind != yaml.ScalarNode || (v.Value != "allow" && v.Value != "deny") {
+					ps.add(v.Line, identity, v.Value, "ech must be allow or deny")
+					return
+				}
+				allowECH = v.Value == "allow"
 			case "allow_internal":
 				if v.Kind != yaml.ScalarNode || (v.Value != "true" && v.Value != "false") {
 					ps.add(v.Line, identity, v.Value, "allow_internal must be true or false")
@@ -285,7 +297,7 @@ func parseRule(ps *problems, n *yaml.Node, identity string, opts Options) *Rule 
 					portsWritten = append(portsWritten, pn.Value)
 				}
 			default:
-				ps.add(k.Line, identity, "", "unknown field %q (known: destination, ports, allow_internal)", k.Value)
+				ps.add(k.Line, identity, "", "unknown field %q (known: destination, ports, allow_internal, tls, ech)", k.Value)
 			}
 		})
 		if dest == nil || dest.Kind != yaml.ScalarNode {
@@ -310,6 +322,7 @@ func parseRule(ps *problems, n *yaml.Node, identity string, opts Options) *Rule 
 		}
 		r.Line = dest.Line
 		r.AllowInternal = allowInternal || r.Kind == KindExact && underAny(r.Host, opts.InternalDomains)
+		r.TLSOptional, r.AllowECH = tlsOptional, allowECH
 		return r
 	default:
 		ps.add(n.Line, identity, "", "a destination must be a string or an object")
@@ -332,7 +345,7 @@ func dedupe(rules []*Rule) []*Rule {
 	seen := map[string]bool{}
 	out := rules[:0]
 	for _, r := range rules {
-		key := fmt.Sprintf("%s|%v", r.Entry, r.AllowInternal)
+		key := fmt.Sprintf("%s|%v|%v|%v", r.Entry, r.AllowInternal, r.TLSOptional, r.AllowECH)
 		if seen[key] {
 			continue
 		}

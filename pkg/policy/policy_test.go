@@ -423,3 +423,38 @@ func BenchmarkParse100kDestinations(b *testing.B) {
 		}
 	}
 }
+
+func TestRuleOptionsTLSAndECH(t *testing.T) {
+	p, err := Parse("opts.yaml", []byte(`
+identities:
+  a:
+    allowed_destinations:
+      - destination: "git.example.com"
+        ports: [443]
+        tls: optional
+      - destination: "cdn.example.com"
+        ech: allow
+      - destination: "plain.example.com"
+        tls: required
+        ech: deny
+`), Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	id := p.Identity("a")
+	if r := id.MatchName("git.example.com", 443); r == nil || !r.TLSOptional || r.AllowECH {
+		t.Fatalf("tls: optional: %+v", r)
+	}
+	if r := id.MatchName("cdn.example.com", 443); r == nil || r.TLSOptional || !r.AllowECH {
+		t.Fatalf("ech: allow: %+v", r)
+	}
+	if r := id.MatchName("plain.example.com", 443); r == nil || r.TLSOptional || r.AllowECH {
+		t.Fatalf("defaults: %+v", r)
+	}
+	for _, bad := range []string{"tls: maybe", "ech: yes", "tls: [optional]"} {
+		_, err := Parse("bad.yaml", []byte("identities:\n  a:\n    allowed_destinations:\n      - destination: \"x.example.com\"\n        "+bad+"\n"), Options{})
+		if err == nil || !strings.Contains(err.Error(), "bad.yaml:5") {
+			t.Errorf("%q: %v", bad, err)
+		}
+	}
+}

@@ -28,25 +28,96 @@ type Config struct {
 	WatchInterval time.Duration // WATCH_INTERVAL, seconds (5)
 	LogLevel      slog.Level    // LOG_LEVEL (INFO)
 
-	ListenAddr      string        // LISTEN_ADDR: IP to bind the proxy and admin listeners ("" = all)
-	Resolver        string        // RESOLVER: DNS server host:port ("" = the system's)
-	DrainTimeout    time.Duration // DRAIN_TIMEOUT (25s): below the pod's 30s default grace period
-	DrainIdle       time.Duration // DRAIN_IDLE_TIMEOUT (5s): idle tunnels close this soon once draining
-	IdleTimeout     time.Duration // IDLE_TIMEOUT (5m)
-	MaxTunnels      int           // MAX_TUNNELS (10000)
-	TLSPorts        []uint16      // TLS_PORTS (443,8443)
-	HeaderTimeout   time.Duration // HEADER_TIMEOUT (10s)
-	MaxHeaderBytes  int           // MAX_HEADER_BYTES (32768)
-	PeekTimeout     time.Duration // PEEK_TIMEOUT (5s)
-	DialTimeout     time.Duration // DIAL_TIMEOUT (10s)
-	InternalCIDRs   []netip.Prefix
-	InternalDomains []string // INTERNAL_DOMAINS: exact names here may reach private addresses
+	ListenAddr   string        // LISTEN_ADDR: gateway only: IP to bind the proxy listener ("" = all)
+	AdminAddr    string        // ADMIN_ADDR: IP to bind the admin listener ("" = see adminHost)
+	Resolver     string        // RESOLVER: DNS server host:port ("" = the system's)
+	DrainTimeout time.Duration // DRAIN_TIMEOUT (25s): below the pod's 30s default grace period
+	DrainIdle    time.Duration // DRAIN_IDLE_TIMEOUT (5s): idle tunnels close this soon once draining
+	IdleTimeout  time.Duration // IDLE_TIMEOUT (5m)
+	MaxTunnels   int           // MAX_TUNNELS (10000): decided connections
+	// MAX_PENDING (1000), MAX_PENDING_PER_CLIENT (64), MAX_TUNNELS_PER_IDENTITY (0 = none):
+	// connections not yet decided have their own budgets, so clients that never authenticate
+	// cannot take the cap.
+	MaxPending            int
+	MaxPendingPerClient   int
+	MaxTunnelsPerIdentity int
+	KeepAliveTimeout      time.Duration // KEEPALIVE_TIMEOUT (30s): idle plain-HTTP client connections
+	DenyECH               bool          // ECH=deny: refuse ClientHellos with ECH unless a rule opts in
+	TLSPorts              []uint16      // TLS_PORTS (443,8443)
+	HeaderTimeout         time.Duration // HEADER_TIMEOUT (10s)
+	MaxHeaderBytes        int           // MAX_HEADER_BYTES (32768)
+	PeekTimeout           time.Duration // PEEK_TIMEOUT (5s)
+	DialTimeout           time.Duration // DIAL_TIMEOUT (10s)
+	InternalCIDRs         []netip.Prefix
+	InternalDomains       []string // INTERNAL_DOMAINS: exact names here may reach private addresses
 
 	// Sidecar mode.
 	TransparentPort    uint16        // TRANSPARENT_PORT (15001)
 	Identity           string        // IDENTITY: the policy identity of this pod
 	ServerFirstTimeout time.Duration // SERVER_FIRST_TIMEOUT (500ms)
 	KnownAddrsInterval time.Duration // NAME_REFRESH_INTERVAL (30s): re-resolve exact-name rules
+
+	// Admin bounds the admin listener. It is not read from the environment: the zero value
+	// means DefaultAdminLimits (tests shorten it).
+	Admin AdminLimits
+}
+
+// AdminLimits bound the admin listener (/health, /ready, /metrics), so that its sockets
+// cannot pile up and starve the proxy of file descriptors. A zero field takes its value from
+// DefaultAdminLimits.
+type AdminLimits struct {
+	ReadHeaderTimeout time.Duration // a new connection must send its request head within this
+	ReadTimeout       time.Duration // the whole request
+	WriteTimeout      time.Duration // from the end of the request head to the end of the response
+	IdleTimeout       time.Duration // a kept-alive connection with no next request is closed after this
+	MaxHeaderBytes    int
+	MaxConns          int // concurrent admin connections; more wait in the kernel's accept queue
+}
+
+// DefaultAdminLimits are generous for kubelet probes and Prometheus scrapes, which send their
+// request at once and need a handful of connections.
+var DefaultAdminLimits = AdminLimits{
+	ReadHeaderTimeout: 3 * time.Second,
+	ReadTimeout:       5 * time.Second,
+	WriteTimeout:      15 * time.Second,
+	IdleTimeout:       30 * time.Second,
+	MaxHeaderBytes:    8 << 10,
+	MaxConns:          64,
+}
+
+// withDefaults fills the zero fields from DefaultAdminLimits.
+func (l AdminLimits) withDefaults() AdminLimits {
+	d := DefaultAdminLimits
+	pick := func(v *time.Duration, def time.Duration) {
+		if *v <= 0 {
+			*v = def
+		}
+	}
+	pick(&l.ReadHeaderTimeout, d.ReadHeaderTimeout)
+	pick(&l.ReadTimeout, d.ReadTimeout)
+	pick(&l.WriteTimeout, d.WriteTimeout)
+	pick(&l.IdleTimeout, d.IdleTimeout)
+	if l.MaxHeaderBytes <= 0 {
+		l.MaxHeaderBytes = d.MaxHeaderBytes
+	}
+	if l.MaxConns <= 0 {
+		l.MaxConns = d.MaxConns
+	}
+	return l
+}
+
+// adminHost is the address the admin listener binds to: ADMIN_ADDR when set; otherwise
+// LISTEN_ADDR in gateway mode, and all addresses in sidecar mode (the kubelet probes the pod
+// IP).
+func adminHost(c Config) string {
+	switch {
+	case c.AdminAddr != "":
+		return c.AdminAddr
+	case c.Mode == ModeSidecar:
+		return ""
+	default:
+		return c.ListenAddr
+	}
 }
 
 // Modes.
@@ -87,11 +158,18 @@ func Settings(c *Config, mode string) *settings.Set {
 		}
 		return nil
 	})
-	s.Func("LISTEN_ADDR", "", "", "IP address to bind the gateway's listeners to", func(v string) error {
+	s.Func("LISTEN_ADDR", "", "", "gateway: IP address to bind the proxy listener (and the admin listener unless ADMIN_ADDR is set) to; not allowed in sidecar mode", func(v string) error {
 		if _, err := netip.ParseAddr(v); err != nil {
 			return errors.New("want an IP address")
 		}
 		c.ListenAddr = v
+		return nil
+	})
+	s.Func("ADMIN_ADDR", "", "", "IP address to bind the admin listener (/health, /ready, /metrics) to; unset: LISTEN_ADDR in gateway mode, all addresses in sidecar mode", func(v string) error {
+		if _, err := netip.ParseAddr(v); err != nil {
+			return errors.New("want an IP address")
+		}
+		c.AdminAddr = v
 		return nil
 	})
 	s.String(&c.Resolver, "RESOLVER", "", "", "DNS server host:port used to resolve destinations")
@@ -105,7 +183,26 @@ func Settings(c *Config, mode string) *settings.Set {
 		return nil
 	})
 	s.Duration(&c.IdleTimeout, "IDLE_TIMEOUT", "", "5m", "close a connection idle this long")
-	s.PositiveInt(&c.MaxTunnels, "MAX_TUNNELS", "", "10000", "concurrent connection cap")
+	s.PositiveInt(&c.MaxTunnels, "MAX_TUNNELS", "", "10000", "cap on decided, open connections")
+	s.PositiveInt(&c.MaxPending, "MAX_PENDING", "", "1000", "cap on connections not yet decided (reading the request head, authenticating, peeking)")
+	s.PositiveInt(&c.MaxPendingPerClient, "MAX_PENDING_PER_CLIENT", "", "64", "gateway: cap on one client address's undecided connections")
+	s.Func("MAX_TUNNELS_PER_IDENTITY", "", "0", "cap on one identity's open connections; 0 for none", func(v string) error {
+		n, err := strconv.Atoi(v)
+		if err != nil || n < 0 {
+			return errors.New("want a number, 0 for no limit")
+		}
+		c.MaxTunnelsPerIdentity = n
+		return nil
+	})
+	s.Duration(&c.KeepAliveTimeout, "KEEPALIVE_TIMEOUT", "", "30s", "how long a plain-HTTP client connection may wait idle between requests")
+	s.Func("ECH", "", "allow", "allow (logged) or deny: ClientHellos with encrypted_client_hello, unless the matched rule says ech: allow", func(v string) error {
+		switch v {
+		case "allow", "deny":
+			c.DenyECH = v == "deny"
+			return nil
+		}
+		return errors.New("want allow or deny")
+	})
 	s.Duration(&c.HeaderTimeout, "HEADER_TIMEOUT", "", "10s", "time to send the request head")
 	s.PositiveInt(&c.MaxHeaderBytes, "MAX_HEADER_BYTES", "", "32768", "bound on the request head")
 	s.Duration(&c.PeekTimeout, "PEEK_TIMEOUT", "", "5s", "time to send the ClientHello")
@@ -135,6 +232,12 @@ func FromEnv(getenv func(string) string) (Config, error) {
 	}
 	if c.Mode == ModeSidecar && c.Identity == "" {
 		return Config{}, fmt.Errorf("configuration: %s: required in sidecar mode (the policy identity of this pod)", contract.EnvIdentity)
+	}
+	if c.Mode == ModeSidecar && c.ListenAddr != "" {
+		// The sidecar's explicit listener needs no credentials (it uses the pod's identity),
+		// so it must serve this pod's apps only: anywhere but loopback, any other pod could
+		// use this pod's identity.
+		return Config{}, fmt.Errorf("configuration: LISTEN_ADDR=%q: not allowed in sidecar mode: the explicit proxy listener always binds loopback (127.0.0.1 and ::1); use ADMIN_ADDR to choose the admin listener's address", c.ListenAddr)
 	}
 	return c, nil
 }

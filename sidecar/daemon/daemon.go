@@ -20,6 +20,7 @@ import (
 	"github.com/egress-guard/egress-guard/pkg/policy"
 	"github.com/egress-guard/egress-guard/sidecar/proxy"
 	"github.com/egress-guard/egress-guard/sidecar/tunnel"
+	"golang.org/x/net/netutil"
 )
 
 // Run serves until ctx is cancelled (the caller cancels it on SIGTERM or SIGINT), then drains:
@@ -45,10 +46,18 @@ func Run(ctx context.Context, cfg Config, out io.Writer) error {
 	if err != nil {
 		return fmt.Errorf("list own addresses: %w", err)
 	}
+	classifier := addrclass.New(cfg.InternalCIDRs, self)
+	maxPerClient := cfg.MaxPendingPerClient
+	if cfg.Mode == ModeSidecar {
+		maxPerClient = 0 // one pod: every connection comes from it
+	}
 	tracker := tunnel.NewTracker(tunnel.Config{
-		MaxConns:         cfg.MaxTunnels,
-		IdleTimeout:      cfg.IdleTimeout,
-		DrainIdleTimeout: cfg.DrainIdle,
+		MaxConns:            cfg.MaxTunnels,
+		MaxPending:          cfg.MaxPending,
+		MaxPendingPerClient: maxPerClient,
+		MaxPerIdentity:      cfg.MaxTunnelsPerIdentity,
+		IdleTimeout:         cfg.IdleTimeout,
+		DrainIdleTimeout:    cfg.DrainIdle,
 	})
 	tlsPorts := make(map[uint16]bool, len(cfg.TLSPorts))
 	for _, p := range cfg.TLSPorts {
@@ -56,7 +65,7 @@ func Run(ctx context.Context, cfg Config, out io.Writer) error {
 	}
 	srv, err := proxy.New(proxy.Config{
 		Policy:             watcher.Current,
-		Classifier:         addrclass.New(cfg.InternalCIDRs, self),
+		Classifier:         classifier,
 		Resolver:           dialer.NewResolver(cfg.Resolver),
 		Dialer:             &net.Dialer{KeepAlive: 30 * time.Second},
 		Tracker:            tracker,
@@ -70,40 +79,40 @@ func Run(ctx context.Context, cfg Config, out io.Writer) error {
 		MaxHeaderBytes:     cfg.MaxHeaderBytes,
 		PeekTimeout:        cfg.PeekTimeout,
 		DialTimeout:        cfg.DialTimeout,
+		KeepAliveTimeout:   cfg.KeepAliveTimeout,
+		DenyECH:            cfg.DenyECH,
 	})
 	if err != nil {
 		return err
 	}
 
-	proxyAddr := cfg.ListenAddr
-	if cfg.Mode == ModeSidecar && proxyAddr == "" {
-		proxyAddr = "127.0.0.1" // the explicit port serves this pod's own apps only
-	}
-	lc := net.ListenConfig{KeepAlive: -1}
-	proxyLn, err := lc.Listen(context.Background(), "tcp", net.JoinHostPort(proxyAddr, strconv.Itoa(int(cfg.ProxyPort))))
+	lc := listenConfig()
+	proxyLns, err := listenExplicit(lc, log, cfg)
 	if err != nil {
-		return fmt.Errorf("proxy listener: %w", err)
+		return err
 	}
-	adminLn, err := net.Listen("tcp", net.JoinHostPort(cfg.ListenAddr, strconv.Itoa(int(cfg.MetricsPort))))
+	closeAll := func(lns []net.Listener) {
+		for _, ln := range lns {
+			ln.Close()
+		}
+	}
+	adminLn, err := listenAdmin(cfg)
 	if err != nil {
-		proxyLn.Close()
-		return fmt.Errorf("metrics listener: %w", err)
+		closeAll(proxyLns)
+		return err
 	}
 	var transparentLns []net.Listener
 	if cfg.Mode == ModeSidecar {
 		transparentLns, err = listenTransparent(lc, log, cfg.TransparentPort)
 		if err != nil {
-			proxyLn.Close()
+			closeAll(proxyLns)
 			adminLn.Close()
 			return err
 		}
 	}
 
 	var draining atomic.Bool
-	admin := &http.Server{
-		Handler:           adminMux(m, func() bool { return watcher.Current() != nil && !draining.Load() }),
-		ReadHeaderTimeout: 5 * time.Second,
-	}
+	admin := adminServer(cfg, adminMux(m, func() bool { return watcher.Current() != nil && !draining.Load() }))
 	bg, stopBG := context.WithCancel(context.Background())
 	defer stopBG()
 	go watcher.Run(bg)
@@ -113,13 +122,16 @@ func Run(ctx context.Context, cfg Config, out io.Writer) error {
 			log.Error("metrics server stopped", "err", err)
 		}
 	}()
-	serveErr := make(chan error, 1+len(transparentLns))
-	go func() { serveErr <- srv.Serve(proxyLn) }()
+	serveErr := make(chan error, len(proxyLns)+len(transparentLns))
+	for _, ln := range proxyLns {
+		go func() { serveErr <- srv.Serve(ln) }()
+	}
 	for _, ln := range transparentLns {
 		go func() { serveErr <- srv.ServeTransparent(ln) }()
 	}
 	go srv.RunKnownAddrs(bg, cfg.KnownAddrsInterval)
-	log.Info("egress-guard started", "mode", cfg.Mode, "identity", cfg.Identity, "proxy", proxyLn.Addr().String(),
+	go refreshOwnAddrs(bg, classifier, log, 5*time.Second)
+	log.Info("egress-guard started", "mode", cfg.Mode, "identity", cfg.Identity, "proxy", listenerAddrs(proxyLns),
 		"transparent", listenerAddrs(transparentLns), "metrics", adminLn.Addr().String(),
 		"policy", cfg.PolicyPath, "policy_loaded", watcher.Current() != nil)
 
@@ -175,6 +187,27 @@ func adminMux(m *metrics.Metrics, ready func() bool) *http.ServeMux {
 	return mux
 }
 
+// refreshOwnAddrs keeps the proxy's own addresses current: a pod or node gains and loses
+// addresses while the proxy runs, and an address it gained must never become reachable
+// through a name.
+func refreshOwnAddrs(ctx context.Context, c *addrclass.Classifier, log *slog.Logger, every time.Duration) {
+	tick := time.NewTicker(every)
+	defer tick.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-tick.C:
+		}
+		self, err := ownAddrs()
+		if err != nil {
+			log.Warn("listing own addresses failed; keeping the last list", "err", err.Error())
+			continue
+		}
+		c.SetSelf(self)
+	}
+}
+
 // ownAddrs lists the addresses of this network namespace's interfaces: a client must not be
 // able to make the proxy connect to itself (or to a sidecar's neighbours on its own address).
 func ownAddrs() ([]netip.Addr, error) {
@@ -200,22 +233,80 @@ func identityFor(cfg Config) string {
 	return ""
 }
 
+// listenConfig is the ListenConfig of the proxy's listeners (explicit and transparent): plain
+// TCP, not Multipath TCP, which Go's listeners accept by default since Go 1.24. The original
+// destination of a redirected MPTCP connection cannot be read (MPTCP sockets do not implement
+// SO_ORIGINAL_DST), so every MPTCP client would be reset; and the proxy's resets and
+// half-closes are TCP's. An MPTCP client falls back to TCP. Keep-alive probes are off: idle
+// connections are the tracker's business.
+func listenConfig() net.ListenConfig {
+	lc := net.ListenConfig{KeepAlive: -1}
+	lc.SetMultipathTCP(false)
+	return lc
+}
+
+// listenExplicit listens for explicit proxy clients. The gateway binds LISTEN_ADDR (all
+// addresses when unset). The sidecar's explicit listener needs no credentials, since it uses
+// the pod's identity, so it serves this pod's apps only: it binds loopback, 127.0.0.1 and ::1
+// if the pod has it, whatever LISTEN_ADDR says (FromEnv refuses LISTEN_ADDR in sidecar mode).
+func listenExplicit(lc net.ListenConfig, log *slog.Logger, cfg Config) ([]net.Listener, error) {
+	if cfg.Mode == ModeSidecar {
+		return listenLoopback(lc, log, "proxy listener", cfg.ProxyPort)
+	}
+	ln, err := lc.Listen(context.Background(), "tcp", net.JoinHostPort(cfg.ListenAddr, strconv.Itoa(int(cfg.ProxyPort))))
+	if err != nil {
+		return nil, fmt.Errorf("proxy listener: %w", err)
+	}
+	return []net.Listener{ln}, nil
+}
+
 // listenTransparent listens where the capture rules' REDIRECT sends locally generated
 // traffic: 127.0.0.1 for IPv4 and ::1 for IPv6. A pod without IPv6 has no ::1; the capture
 // installer refuses pods whose IPv6 it cannot capture, so only IPv4 is required here.
 func listenTransparent(lc net.ListenConfig, log *slog.Logger, port uint16) ([]net.Listener, error) {
+	return listenLoopback(lc, log, "transparent listener", port)
+}
+
+// listenLoopback listens on 127.0.0.1 (required) and ::1 (when the namespace has it).
+func listenLoopback(lc net.ListenConfig, log *slog.Logger, what string, port uint16) ([]net.Listener, error) {
 	p := strconv.Itoa(int(port))
 	v4, err := lc.Listen(context.Background(), "tcp4", net.JoinHostPort("127.0.0.1", p))
 	if err != nil {
-		return nil, fmt.Errorf("transparent listener: %w", err)
+		return nil, fmt.Errorf("%s: %w", what, err)
 	}
 	lns := []net.Listener{v4}
 	if v6, err := lc.Listen(context.Background(), "tcp6", net.JoinHostPort("::1", p)); err == nil {
 		lns = append(lns, v6)
 	} else {
-		log.Warn("no IPv6 transparent listener", "err", err.Error())
+		log.Warn("no IPv6 "+what, "err", err.Error())
 	}
 	return lns, nil
+}
+
+// listenAdmin listens for /health, /ready and /metrics on adminHost:METRICS_PORT, accepting
+// at most Admin.MaxConns connections at a time: the others wait in the kernel's accept queue
+// (bounded by its backlog) and hold no descriptor of the process.
+func listenAdmin(cfg Config) (net.Listener, error) {
+	lim := cfg.Admin.withDefaults()
+	ln, err := net.Listen("tcp", net.JoinHostPort(adminHost(cfg), strconv.Itoa(int(cfg.MetricsPort))))
+	if err != nil {
+		return nil, fmt.Errorf("metrics listener: %w", err)
+	}
+	return netutil.LimitListener(ln, lim.MaxConns), nil
+}
+
+// adminServer serves h with every timeout set: a silent, slow or idle admin connection is
+// closed instead of holding a descriptor (and a slot of the listener's cap) forever.
+func adminServer(cfg Config, h http.Handler) *http.Server {
+	lim := cfg.Admin.withDefaults()
+	return &http.Server{
+		Handler:           h,
+		ReadHeaderTimeout: lim.ReadHeaderTimeout,
+		ReadTimeout:       lim.ReadTimeout,
+		WriteTimeout:      lim.WriteTimeout,
+		IdleTimeout:       lim.IdleTimeout,
+		MaxHeaderBytes:    lim.MaxHeaderBytes,
+	}
 }
 
 func listenerAddrs(lns []net.Listener) []string {

@@ -6,6 +6,7 @@ import (
 	"encoding/base64"
 	"io"
 	"math"
+	"net"
 	"net/http"
 	"strings"
 	"time"
@@ -18,59 +19,103 @@ import (
 
 // serveExplicit runs one connection of the explicit listener: bounded request head, target,
 // authentication, decision, then a CONNECT tunnel or one forwarded plain-HTTP request.
-func (s *Server) serveExplicit(ss *session) {
-	conn := ss.conn
-	conn.SetReadDeadline(time.Now().Add(s.cfg.HeaderTimeout))
-	head := &io.LimitedReader{R: conn, N: int64(s.cfg.MaxHeaderBytes)}
-	br := bufio.NewReaderSize(head, 4096)
-	req, err := http.ReadRequest(br)
-	if err != nil {
-		switch {
-		case head.N == int64(s.cfg.MaxHeaderBytes) && br.Buffered() == 0:
-			ss.discard() // connected and sent nothing (a TCP probe): no request, no log
-		case head.N <= 0:
-			ss.refuse(decision.Refuse(outcome.HeaderTooLarge), "")
-		default:
-			ss.refuse(decision.Refuse(outcome.MalformedRequest), "malformed request: "+shortErr(err))
-		}
-		return
-	}
-	conn.SetReadDeadline(time.Time{})
-	head.N = math.MaxInt64 // the head was bounded; a forwarded request body is not
-	ss.rec.Method = req.Method
+func (s *Server) serveExplicit(ss *session) { s.serveExplicitFrom(ss, nil) }
 
+// serveExplicitFrom is serveExplicit for a connection whose first bytes were already read
+// (a captured app talking to its own proxy): they are read again before the socket.
+//
+// Plain-HTTP requests may follow one another on the connection (keep-alive); each is
+// authenticated, decided and logged on its own. A CONNECT, a refusal or a request that
+// asks to close ends the connection.
+func (s *Server) serveExplicitFrom(ss *session, prefix []byte) {
+	conn := ss.conn
+	var src io.Reader = conn
+	if len(prefix) > 0 {
+		src = io.MultiReader(bytes.NewReader(prefix), conn)
+	}
+	head := &io.LimitedReader{R: src, N: int64(s.cfg.MaxHeaderBytes)}
+	// Large enough that the replayed bytes are buffered whole by the first read: what
+	// follows the head is then in the buffer, and the rest comes from the socket.
+	br := bufio.NewReaderSize(head, max(4096, len(prefix)))
+	conn.SetReadDeadline(time.Now().Add(s.cfg.HeaderTimeout))
+	for first := true; ; first = false {
+		if !first {
+			// Between requests: wait for the next one's first byte, then give it the head
+			// timeout. A client that goes away here ends the connection with no line.
+			ss.next()
+			head.N = int64(s.cfg.MaxHeaderBytes)
+			conn.SetReadDeadline(time.Now().Add(s.cfg.KeepAliveTimeout))
+			if _, err := br.Peek(1); err != nil {
+				ss.discard()
+				return
+			}
+			conn.SetReadDeadline(time.Now().Add(s.cfg.HeaderTimeout))
+		}
+		req, err := http.ReadRequest(br)
+		if err != nil {
+			switch {
+			case first && head.N == int64(s.cfg.MaxHeaderBytes) && br.Buffered() == 0:
+				ss.discard() // connected and sent nothing (a TCP probe): no request, no log
+			case head.N <= 0:
+				ss.refuse(decision.Refuse(outcome.HeaderTooLarge), "")
+			default:
+				ss.refuse(decision.Refuse(outcome.MalformedRequest), "malformed request: "+shortErr(err))
+			}
+			return
+		}
+		conn.SetReadDeadline(time.Time{})
+		head.N = math.MaxInt64 // the head was bounded; a forwarded request body is not
+		if !s.serveRequest(ss, br, req) {
+			return
+		}
+	}
+}
+
+// serveRequest authenticates and decides one request, then runs its CONNECT tunnel or
+// forwards it. It reports whether the connection may carry another request.
+func (s *Server) serveRequest(ss *session, br *bufio.Reader, req *http.Request) bool {
+	ss.rec.Method = req.Method
 	t, err := requestTarget(req)
 	if err != nil {
 		ss.refuse(decision.Refuse(outcome.MalformedRequest), err.Error())
-		return
+		return false
 	}
 	ss.rec.Target = t.String()
 
 	pol := s.cfg.Policy()
 	if pol == nil {
 		ss.refuse(decision.Refuse(outcome.NoPolicy), "")
-		return
+		return false
 	}
-	id, reason := s.identify(pol, req.Header.Get("Proxy-Authorization"))
+	id, key, reason := s.identify(pol, req.Header.Get("Proxy-Authorization"))
+	ss.apiKey = key
 	if id == nil {
 		if reason == outcome.UnknownAPIKey {
 			ss.rec.Identity = "unknown"
 		}
 		ss.refuse(decision.Refuse(reason), "")
-		return
+		return false
 	}
 	ss.rec.Identity = id.Name
 
 	v := s.decide(id, t, nil)
 	if !v.Proceeds() {
 		ss.refuse(v, "")
-		return
+		return false
+	}
+	if !ss.admit() {
+		return false
 	}
 	if req.Method == http.MethodConnect {
 		s.connect(ss, br, id, t, v)
-	} else {
-		s.forward(ss, req, t, v)
+		return false
 	}
+	if ss.rec.Request == 0 {
+		ss.rec.Request = 1
+	}
+	// A request still streaming when the policy stops allowing it is cut like a tunnel.
+	ss.watchPolicy(t)
+	return s.forward(ss, pol, id, req, v)
 }
 
 // connect runs a CONNECT tunnel whose destination was allowed.
@@ -90,15 +135,33 @@ func (s *Server) connect(ss *session, br *bufio.Reader, id *policy.Identity, t d
 			ss.end(outcome.Reset, 0, 0)
 			return
 		}
-		hello, consumed, err := peek.ReadClientHello(&prefixConn{TCPConn: conn, r: io.MultiReader(bytes.NewReader(prefix), conn)}, peek.MaxClientHello+4096, s.cfg.PeekTimeout)
-		prefix = consumed
-		if hello != nil {
-			ss.rec.SNI = hello.ServerName
+		tlsFirst := true
+		if v.Rule != nil && v.Rule.TLSOptional {
+			// The rule lets this tunnel carry another protocol (ssh over 443): look at the
+			// first bytes, waiting no longer than for a server-first protocol. If they are
+			// TLS, the SNI must still name the host.
+			prefix = readFirst(conn, prefix, s.cfg.ServerFirstTimeout)
+			switch {
+			case len(prefix) == 0:
+				ss.rec.Protocol, tlsFirst = "server-first", false
+			case peek.Sniff(prefix) != peek.ProtoTLS:
+				ss.rec.Protocol, tlsFirst = "tcp", false
+			}
 		}
-		v = decision.CheckSNI(v, id.Mode, sniVerdict(hello, err, t.Host))
-		if !v.Proceeds() {
-			ss.refuse(v, "") // a reset: no HTTP text inside what the client takes for TLS
-			return
+		if tlsFirst {
+			hello, consumed, err := peek.ReadClientHello(&prefixConn{TCPConn: conn, r: io.MultiReader(bytes.NewReader(prefix), conn)}, peek.MaxClientHello+4096, s.cfg.PeekTimeout)
+			prefix = consumed
+			if hello != nil {
+				ss.rec.SNI, ss.rec.ECH = hello.ServerName, hello.ECH
+			}
+			v = decision.CheckSNI(v, id.Mode, sniVerdict(hello, err, t.Host))
+			if v.Proceeds() && hello != nil {
+				v = decision.CheckECH(v, id.Mode, hello.ECH, s.cfg.DenyECH)
+			}
+			if !v.Proceeds() {
+				ss.refuse(v, "") // a reset: no HTTP text inside what the client takes for TLS
+				return
+			}
 		}
 	}
 	ss.decide(v)
@@ -114,8 +177,22 @@ func (s *Server) connect(ss *session, br *bufio.Reader, id *policy.Identity, t d
 		}
 	}
 	ss.established()
+	ss.watchPolicy(t)
 	up, down, reason := ss.tc.Relay(prefix)
 	ss.end(reason, up, down)
+}
+
+// readFirst returns prefix if it is not empty, else whatever the client sends first within
+// wait (nothing, for a server-first protocol).
+func readFirst(conn *net.TCPConn, prefix []byte, wait time.Duration) []byte {
+	if len(prefix) > 0 {
+		return prefix
+	}
+	buf := make([]byte, 4096)
+	conn.SetReadDeadline(time.Now().Add(wait))
+	n, _ := conn.Read(buf)
+	conn.SetReadDeadline(time.Time{})
+	return buf[:n]
 }
 
 // sniVerdict returns 0 when the ClientHello names host, else the deny reason.
@@ -131,40 +208,41 @@ func sniVerdict(hello *peek.ClientHello, err error, host string) outcome.Reason 
 	return 0
 }
 
-// identify returns the sidecar's own identity, or authenticates the request.
-func (s *Server) identify(pol *policy.Policy, header string) (*policy.Identity, outcome.Reason) {
+// identify returns the sidecar's own identity, or authenticates the request (with the API
+// key it used, kept only in memory to re-check tunnels when the policy changes).
+func (s *Server) identify(pol *policy.Policy, header string) (*policy.Identity, string, outcome.Reason) {
 	if s.cfg.Identity == "" {
 		return authenticate(pol, header)
 	}
 	if id := pol.Identity(s.cfg.Identity); id != nil {
-		return id, 0
+		return id, "", 0
 	}
-	return nil, outcome.UnknownIdentity
+	return nil, "", outcome.UnknownIdentity
 }
 
 // authenticate resolves Proxy-Authorization to an identity. The API key is the Basic user
 // name (the password is ignored, as in the original egress-guard). It never appears in logs
 // or errors.
-func authenticate(pol *policy.Policy, header string) (*policy.Identity, outcome.Reason) {
+func authenticate(pol *policy.Policy, header string) (*policy.Identity, string, outcome.Reason) {
 	if header == "" {
-		return nil, outcome.NoCredentials
+		return nil, "", outcome.NoCredentials
 	}
 	scheme, cred, ok := strings.Cut(header, " ")
 	if !ok || !strings.EqualFold(scheme, "Basic") {
-		return nil, outcome.NoCredentials
+		return nil, "", outcome.NoCredentials
 	}
 	raw, err := base64.StdEncoding.DecodeString(strings.TrimSpace(cred))
 	if err != nil {
-		return nil, outcome.NoCredentials
+		return nil, "", outcome.NoCredentials
 	}
 	key, _, _ := strings.Cut(string(raw), ":")
 	if key == "" {
-		return nil, outcome.NoCredentials
+		return nil, "", outcome.NoCredentials
 	}
 	if id := pol.IdentityByAPIKey(key); id != nil {
-		return id, 0
+		return id, key, 0
 	}
-	return nil, outcome.UnknownAPIKey
+	return nil, "", outcome.UnknownAPIKey
 }
 
 // shortErr keeps client-controlled text out of responses beyond a short, sanitized prefix.

@@ -1,13 +1,22 @@
 package proxy
 
 import (
-	"bufio"
+	"context"
+	"crypto/tls"
 	"fmt"
 	"io"
 	"net"
 	"net/http"
+	"net/http/httptrace"
+	"net/textproto"
+	"strconv"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"time"
+
+	"github.com/egress-guard/egress-guard/pkg/dialer"
+	"github.com/egress-guard/egress-guard/pkg/policy"
 
 	"github.com/egress-guard/egress-guard/pkg/decision"
 	"github.com/egress-guard/egress-guard/pkg/outcome"
@@ -88,52 +97,147 @@ func (c *countingWriter) Write(p []byte) (int, error) {
 	return n, err
 }
 
-// countingReader counts bytes read through it.
-type countingReader struct {
-	r io.Reader
-	n int64
+// transports holds one HTTP client transport per identity, for the active policy: upstream
+// connections are reused only by the identity that opened them, and never across a policy
+// change (the addresses they were dialed to were vetted under the old one).
+type transports struct {
+	mu     sync.Mutex
+	policy *policy.Policy
+	byID   map[string]*http.Transport
 }
 
-func (c *countingReader) Read(p []byte) (int, error) {
-	n, err := c.r.Read(p)
-	c.n += int64(n)
+// verdictKey carries a request's verdict to the transport's dial function.
+type verdictKey struct{}
+
+// transportFor returns the identity's transport under pol.
+func (s *Server) transportFor(pol *policy.Policy, identity string) *http.Transport {
+	ts := &s.transports
+	ts.mu.Lock()
+	defer ts.mu.Unlock()
+	if ts.policy != pol {
+		for _, t := range ts.byID {
+			t.CloseIdleConnections()
+		}
+		ts.policy, ts.byID = pol, map[string]*http.Transport{}
+	}
+	if t := ts.byID[identity]; t != nil {
+		return t
+	}
+	t := &http.Transport{
+		Proxy: nil, // never the environment's proxy
+		// Only addresses of this request's verdict, with the dial budget.
+		DialContext: func(ctx context.Context, _, addr string) (net.Conn, error) {
+			v, _ := ctx.Value(verdictKey{}).(decision.Verdict)
+			_, port, err := net.SplitHostPort(addr)
+			if err != nil {
+				return nil, err
+			}
+			p, err := strconv.ParseUint(port, 10, 16)
+			if err != nil {
+				return nil, err
+			}
+			c, _, err := dialer.Dial(ctx, s.cfg.Dialer, v.Addrs, uint16(p), s.cfg.DialTimeout)
+			if err != nil {
+				return nil, err
+			}
+			return c, nil
+		},
+		DisableCompression:    true, // pass the client's Accept-Encoding and the body through as they are
+		MaxIdleConnsPerHost:   16,
+		IdleConnTimeout:       90 * time.Second,
+		ExpectContinueTimeout: time.Second,
+		TLSNextProto:          map[string]func(string, *tls.Conn) http.RoundTripper{}, // HTTP/1.1 only
+	}
+	ts.byID[identity] = t
+	return t
+}
+
+// closeIdleUpstreams drops pooled upstream connections (on shutdown).
+func (s *Server) closeIdleUpstreams() {
+	s.transports.mu.Lock()
+	defer s.transports.mu.Unlock()
+	for _, t := range s.transports.byID {
+		t.CloseIdleConnections()
+	}
+}
+
+// forward proxies one plain-HTTP request whose destination was allowed and reports whether
+// the client connection may carry another request. Upstream connections are pooled per
+// identity; interim responses (100 Continue and other 1xx) are relayed before the final one,
+// so clients that send Expect: 100-continue get their body through.
+func (s *Server) forward(ss *session, pol *policy.Policy, id *policy.Identity, req *http.Request, v decision.Verdict) (keepAlive bool) {
+	ss.decide(v)
+	clientClose := req.Close
+	removeHopHeaders(req.Header)
+	req.RequestURI = ""
+	req.Close = false
+	body := &bodyReader{r: req.Body}
+	if req.Body != nil && req.Body != http.NoBody {
+		req.Body = body
+	} else {
+		body.done.Store(true)
+	}
+	out := &countingWriter{w: ss.conn}
+	trace := &httptrace.ClientTrace{
+		GotConn: func(i httptrace.GotConnInfo) { ss.rec.Upstream = addrPort(i.Conn.RemoteAddr()) },
+		Got1xxResponse: func(code int, h textproto.MIMEHeader) error {
+			var b strings.Builder
+			fmt.Fprintf(&b, "HTTP/1.1 %d %s\r\n", code, http.StatusText(code))
+			http.Header(h).Write(&b)
+			b.WriteString("\r\n")
+			_, err := io.WriteString(out, b.String())
+			return err
+		},
+	}
+	ctx := httptrace.WithClientTrace(context.WithValue(context.Background(), verdictKey{}, v), trace)
+	resp, err := s.transportFor(pol, id.Name).RoundTrip(req.WithContext(ctx))
+	if err != nil {
+		if dialer.IsDialError(err) {
+			ss.failDial(err)
+			return false
+		}
+		ss.rec.Status = outcome.StatusConnectionFailed
+		ss.count()
+		writeStatus(ss.conn, http.StatusBadGateway, "egress-guard: malformed or missing upstream response (upstream_error)", nil)
+		closeGracefully(ss.conn)
+		ss.end(outcome.UpstreamError, body.n.Load(), out.n)
+		return false
+	}
+	ss.established()
+	defer resp.Body.Close()
+	removeHopHeaders(resp.Header)
+	resp.Proto, resp.ProtoMajor, resp.ProtoMinor = "HTTP/1.1", 1, 1
+	// A body the upstream answered before reading whole cannot be skipped safely: close after
+	// this response rather than read the next request from the middle of it.
+	keepAlive = !clientClose && body.done.Load()
+	resp.Close = !keepAlive
+	if err := resp.Write(out); err != nil {
+		ss.end(outcome.Reset, body.n.Load(), out.n)
+		return false
+	}
+	if !keepAlive {
+		ss.end(outcome.Closed, body.n.Load(), out.n)
+		return false
+	}
+	ss.finish(outcome.Closed, body.n.Load(), out.n)
+	return true
+}
+
+// bodyReader counts a forwarded request body and notes when it was read to the end. The
+// transport reads it on its own goroutine.
+type bodyReader struct {
+	r    io.ReadCloser
+	n    atomic.Int64
+	done atomic.Bool
+}
+
+func (b *bodyReader) Read(p []byte) (int, error) {
+	n, err := b.r.Read(p)
+	b.n.Add(int64(n))
+	if err == io.EOF {
+		b.done.Store(true)
+	}
 	return n, err
 }
 
-// forward proxies one plain-HTTP request whose destination was allowed, then closes the
-// client connection. One request per connection keeps the decision and the logs per request
-// without a second request on the same connection escaping re-authentication.
-func (s *Server) forward(ss *session, req *http.Request, t decision.Target, v decision.Verdict) {
-	ss.decide(v)
-	if err := ss.dial(v, t.Port); err != nil {
-		ss.failDial(err)
-		return
-	}
-	ss.established()
-	conn := ss.conn
-	up := ss.tc.Upstream()
-
-	removeHopHeaders(req.Header)
-	req.Close = true // the upstream connection carries this one request
-	upW := &countingWriter{w: up}
-	upR := &countingReader{r: up}
-	if err := req.Write(upW); err != nil {
-		writeStatus(conn, http.StatusBadGateway, "egress-guard: sending the request upstream failed (upstream_error)", nil)
-		ss.end(outcome.UpstreamError, upW.n, 0)
-		return
-	}
-	resp, err := http.ReadResponse(bufio.NewReader(upR), req)
-	if err != nil {
-		writeStatus(conn, http.StatusBadGateway, "egress-guard: malformed or missing upstream response (upstream_error)", nil)
-		ss.end(outcome.UpstreamError, upW.n, upR.n)
-		return
-	}
-	defer resp.Body.Close()
-	removeHopHeaders(resp.Header)
-	resp.Close = true
-	reason := outcome.Closed
-	if err := resp.Write(conn); err != nil {
-		reason = outcome.Reset
-	}
-	ss.end(reason, upW.n, upR.n)
-}
+func (b *bodyReader) Close() error { return nil } // the client connection outlives the request

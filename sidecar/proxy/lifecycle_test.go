@@ -1,20 +1,25 @@
 package proxy
 
 import (
+	"bufio"
 	"context"
 	"crypto/tls"
 	"errors"
+	"fmt"
 	"io"
 	"log/slog"
 	"net"
 	"net/http"
+	"net/http/httptest"
 	"net/netip"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
 
+	"github.com/egress-guard/egress-guard/internal/tlstest"
 	"github.com/egress-guard/egress-guard/pkg/accesslog"
 	"github.com/egress-guard/egress-guard/pkg/addrclass"
 	"github.com/egress-guard/egress-guard/pkg/metrics"
@@ -127,14 +132,15 @@ func TestNewFillsDefaultsAndRejectsMissingParts(t *testing.T) {
 	}
 }
 
-// At the connection cap a captured connection is reset (never an HTTP status written into
-// what the app takes for a TLS, SSH or SMTP stream), and it gets its decision and close lines.
-func TestTransparentAtTheCapIsResetAndLogged(t *testing.T) {
+// When the tracker refuses a captured connection (here: the budget of undecided connections
+// is spent) it is reset (never an HTTP status written into what the app takes for a TLS, SSH
+// or SMTP stream), and it gets its decision and close lines.
+func TestTransparentRefusedAtAcceptIsResetAndLogged(t *testing.T) {
 	f := startWith(t, loopPolicy, func(c *Config) {
-		c.Tracker = tunnel.NewTracker(tunnel.Config{MaxConns: 1})
+		c.Tracker = tunnel.NewTracker(tunnel.Config{MaxPending: 1})
 		c.Identity = "loop"
 	})
-	// One silent explicit client holds the only slot.
+	// One silent explicit client holds the only undecided slot.
 	hold, err := net.Dial("tcp", f.addr)
 	if err != nil {
 		t.Fatal(err)
@@ -162,17 +168,296 @@ func TestTransparentAtTheCapIsResetAndLogged(t *testing.T) {
 	if !errors.Is(err, syscall.ECONNRESET) {
 		t.Fatalf("error %v, want a reset", err)
 	}
-	expect(t, f.logs.one(t, mark, "decision"), "listener", "transparent", "action", "denied", "reason", "tunnel_limit", "status", "denied")
-	expect(t, f.logs.one(t, mark, "close"), "listener", "transparent", "reason", "refused", "decision_reason", "tunnel_limit")
+	expect(t, f.logs.one(t, mark, "decision"), "listener", "transparent", "action", "denied", "reason", "pending_limit", "status", "denied")
+	expect(t, f.logs.one(t, mark, "close"), "listener", "transparent", "reason", "refused", "decision_reason", "pending_limit")
+	if n := testutil.ToFloat64(f.metrics.Refusals.WithLabelValues("pending_limit")); n != 1 {
+		t.Fatalf("refusals_total{pending_limit} = %v", n)
+	}
+
+	// The explicit listener answers 503, with the same lines.
+	mark = f.logs.mark()
+	if code, _, _ := rawRequest(t, f.addr, connectReq("127.0.0.1:1", "")); code != http.StatusServiceUnavailable {
+		t.Fatalf("explicit at the pending budget = %d, want 503", code)
+	}
+	expect(t, f.logs.one(t, mark, "decision"), "listener", "explicit", "action", "denied", "reason", "pending_limit")
+	expect(t, f.logs.one(t, mark, "close"), "listener", "explicit", "reason", "refused")
+}
+
+// Clients that never authenticate cannot take the tunnel cap: it counts decided connections
+// only. At the cap, an allowed connection is refused with 503 tunnel_limit; an identity's own
+// limit is refused the same way, for that identity only.
+func TestSilentClientsDoNotTakeTheCap(t *testing.T) {
+	f := startWith(t, `
+identities:
+  a: {api_keys: [ka], allowed_destinations: ["127.0.0.0/8"]}
+  b: {api_keys: [kb], allowed_destinations: ["127.0.0.0/8"]}
+  c: {api_keys: [kc], allowed_destinations: ["127.0.0.0/8"]}
+`, func(c *Config) {
+		c.Tracker = tunnel.NewTracker(tunnel.Config{MaxConns: 2, MaxPending: 50, MaxPendingPerClient: 20, MaxPerIdentity: 1})
+	})
+	for i := 0; i < 10; i++ {
+		silent, err := net.Dial("tcp", f.addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer silent.Close()
+	}
+	waitFor(t, func() bool { return f.server.cfg.Tracker.Len() == 10 })
+	port, _ := echoServer(t)
+	target := "127.0.0.1:" + port
+	if code, _, _ := rawRequest(t, f.addr, connectReq(target, basic("ka"))); code != http.StatusOK {
+		t.Fatalf("CONNECT with 10 silent clients open = %d, want 200", code)
+	}
+	mark := f.logs.mark()
+	if code, _, _ := rawRequest(t, f.addr, connectReq(target, basic("ka"))); code != http.StatusServiceUnavailable {
+		t.Fatalf("second tunnel of identity a = %d, want 503 (identity limit 1)", code)
+	}
+	expect(t, f.logs.one(t, mark, "decision"), "identity", "a", "action", "denied", "reason", "identity_limit")
+	if code, _, _ := rawRequest(t, f.addr, connectReq(target, basic("kb"))); code != http.StatusOK {
+		t.Fatalf("identity b = %d, want 200", code)
+	}
+	mark = f.logs.mark()
+	if code, _, _ := rawRequest(t, f.addr, connectReq(target, basic("kc"))); code != http.StatusServiceUnavailable {
+		t.Fatalf("third tunnel at MaxConns 2 = %d, want 503", code)
+	}
+	expect(t, f.logs.one(t, mark, "decision"), "identity", "c", "action", "denied", "reason", "tunnel_limit")
 	if n := testutil.ToFloat64(f.metrics.TunnelsRejected); n != 1 {
 		t.Fatalf("tunnel_limit_rejections_total = %v", n)
 	}
+}
 
-	// The explicit listener answers 503 at the cap, with the same lines.
-	mark = f.logs.mark()
-	if code, _, _ := rawRequest(t, f.addr, connectReq("127.0.0.1:1", "")); code != http.StatusServiceUnavailable {
-		t.Fatalf("explicit at the cap = %d, want 503", code)
+// A tunnel whose API key is removed from the policy is closed (policy_revoked), with its close
+// line; a tunnel the new policy still allows goes on.
+func TestPolicyChangeRevokesOpenTunnels(t *testing.T) {
+	parse := func(y string) *policy.Policy {
+		p, err := policy.Parse("p.yaml", []byte(y), policy.Options{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return p
 	}
-	expect(t, f.logs.one(t, mark, "decision"), "listener", "explicit", "action", "denied", "reason", "tunnel_limit")
-	expect(t, f.logs.one(t, mark, "close"), "listener", "explicit", "reason", "refused")
+	before := parse("identities:\n  a: {api_keys: [ka], allowed_destinations: [\"127.0.0.0/8\"]}\n  b: {api_keys: [kb], allowed_destinations: [\"127.0.0.0/8\"]}\n")
+	after := parse("identities:\n  b: {api_keys: [kb], allowed_destinations: [\"127.0.0.0/8\"]}\n")
+	var cur atomic.Pointer[policy.Policy]
+	cur.Store(before)
+	f := startWith(t, loopPolicy, func(c *Config) { c.Policy = cur.Load })
+	port, _ := echoServer(t)
+	target := "127.0.0.1:" + port
+	_, brA, ca := rawRequest(t, f.addr, connectReq(target, basic("ka")))
+	_, brB, cb := rawRequest(t, f.addr, connectReq(target, basic("kb")))
+	for _, c := range []net.Conn{ca, cb} {
+		io.WriteString(c, "x")
+	}
+	one := make([]byte, 1)
+	io.ReadFull(brA, one)
+	io.ReadFull(brB, one)
+	mark := f.logs.mark()
+	cur.Store(after)
+	ca.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if _, err := brA.ReadByte(); err == nil {
+		t.Fatal("the revoked key's tunnel still delivers")
+	}
+	expect(t, f.logs.one(t, mark, "close"), "identity", "a", "reason", "policy_revoked", "decision_reason", "rule")
+	io.WriteString(cb, "y")
+	cb.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if b, err := brB.ReadByte(); err != nil || b != 'y' {
+		t.Fatalf("the still-allowed tunnel broke: %q %v", b, err)
+	}
+}
+
+// ssh over 443: a rule with tls: optional lets a CONNECT tunnel to a TLS port carry another
+// protocol; without it the tunnel is reset; with it, a ClientHello must still name the host.
+func TestTLSOptionalRule(t *testing.T) {
+	port, accepted := echoServer(t)
+	p, _ := strconv.Atoi(port)
+	f := start(t, `
+identities:
+  git:
+    api_keys: ["kg"]
+    allowed_destinations:
+      - "127.0.0.0/8"
+      - destination: "localhost"
+        tls: optional
+  strict:
+    api_keys: ["ks"]
+    allowed_destinations: ["127.0.0.0/8", "localhost"]
+`, uint16(p))
+	target := "localhost:" + port
+
+	mark := f.logs.mark()
+	code, br, c := rawRequest(t, f.addr, connectReq(target, basic("kg")))
+	if code != 200 {
+		t.Fatalf("CONNECT = %d", code)
+	}
+	io.WriteString(c, "SSH-2.0-OpenSSH_9.6\r\n")
+	line := make([]byte, len("SSH-2.0-OpenSSH_9.6\r\n"))
+	if _, err := io.ReadFull(br, line); err != nil || string(line) != "SSH-2.0-OpenSSH_9.6\r\n" {
+		t.Fatalf("ssh banner through a tls: optional tunnel: %q %v", line, err)
+	}
+	expect(t, f.logs.one(t, mark, "decision"), "action", "allowed", "reason", "rule", "destination", "localhost", "protocol", "tcp")
+	c.Close()
+
+	// The same bytes under a rule without the option: reset, never dialed.
+	before := accepted.Load()
+	_, br, c = rawRequest(t, f.addr, connectReq(target, basic("ks")))
+	io.WriteString(c, "SSH-2.0-OpenSSH_9.6\r\n")
+	c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if _, err := br.ReadByte(); !errors.Is(err, syscall.ECONNRESET) {
+		t.Fatalf("non-TLS bytes on a TLS port without tls: optional: %v, want a reset", err)
+	}
+	if accepted.Load() != before {
+		t.Fatal("the upstream was dialed for a refused tunnel")
+	}
+
+	// tls: optional does not relax the SNI check of a TLS client.
+	mark = f.logs.mark()
+	_, br, c = rawRequest(t, f.addr, connectReq(target, basic("kg")))
+	c.Write(tlstest.CaptureHello(t, &tls.Config{ServerName: "evil.test"}))
+	c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if _, err := br.ReadByte(); err == nil {
+		t.Fatal("a mismatched SNI got an answer")
+	}
+	expect(t, f.logs.one(t, mark, "decision"), "action", "denied", "reason", "sni_mismatch", "sni", "evil.test")
+}
+
+// A ClientHello with encrypted_client_hello names only the outer host: it is logged, and with
+// DenyECH refused unless the rule opts in (ech: allow).
+func TestECHLoggedAndDeniedUnlessARuleOptsIn(t *testing.T) {
+	port, accepted := echoServer(t)
+	p, _ := strconv.Atoi(port)
+	policyYAML := `
+identities:
+  plain:
+    api_keys: ["kp"]
+    allowed_destinations: ["127.0.0.0/8", "localhost"]
+  cdn:
+    api_keys: ["kc"]
+    allowed_destinations:
+      - "127.0.0.0/8"
+      - destination: "localhost"
+        ech: allow
+`
+	hello := tlstest.WithExtension(tlstest.CaptureHello(t, &tls.Config{ServerName: "localhost"}), tlstest.ExtECH, []byte{0, 1, 2, 3})
+	send := func(f *fixture, key string) (map[string]any, bool) {
+		mark := f.logs.mark()
+		_, br, c := rawRequest(t, f.addr, connectReq("localhost:"+port, basic(key)))
+		c.Write(hello)
+		c.SetReadDeadline(time.Now().Add(5 * time.Second))
+		echo := make([]byte, len(hello))
+		_, err := io.ReadFull(br, echo)
+		return f.logs.one(t, mark, "decision"), err == nil
+	}
+
+	f := start(t, policyYAML, uint16(p))
+	d, ok := send(f, "kp")
+	expect(t, d, "action", "allowed", "ech", true)
+	if !ok {
+		t.Fatal("ECH tunnel refused without DenyECH")
+	}
+
+	f = startWith(t, policyYAML, func(c *Config) { c.DenyECH = true }, uint16(p))
+	before := accepted.Load()
+	d, ok = send(f, "kp")
+	expect(t, d, "action", "denied", "reason", "ech_not_allowed", "ech", true, "status", "sni_mismatch")
+	if ok || accepted.Load() != before {
+		t.Fatal("an ECH ClientHello reached the upstream with DenyECH")
+	}
+	d, ok = send(f, "kc")
+	expect(t, d, "action", "allowed", "destination", "localhost", "ech", true)
+	if !ok {
+		t.Fatal("ech: allow did not let the ECH ClientHello through")
+	}
+}
+
+// Plain HTTP keeps the client connection alive: each request is authenticated, decided and
+// logged on its own (same connection number, request 1, 2, ...), and the upstream connection
+// is reused for the identity.
+func TestPlainHTTPKeepAlive(t *testing.T) {
+	var upstreamConns atomic.Int64
+	up := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		io.WriteString(w, "hello "+r.URL.Path)
+	}))
+	up.Config.ConnState = func(_ net.Conn, s http.ConnState) {
+		if s == http.StateNew {
+			upstreamConns.Add(1)
+		}
+	}
+	up.Start()
+	defer up.Close()
+	f := start(t, loopPolicy)
+	c, err := net.Dial("tcp", f.addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(10 * time.Second))
+	br := bufio.NewReader(c)
+	mark := f.logs.mark()
+	get := func(path, auth string) (int, string) {
+		fmt.Fprintf(c, "GET %s%s HTTP/1.1\r\nHost: x\r\nProxy-Authorization: %s\r\n\r\n", up.URL, path, auth)
+		resp, err := http.ReadResponse(br, nil)
+		if err != nil {
+			t.Fatalf("GET %s: %v", path, err)
+		}
+		b, _ := io.ReadAll(resp.Body)
+		return resp.StatusCode, string(b)
+	}
+	if code, body := get("/one", basic("k1")); code != 200 || body != "hello /one" {
+		t.Fatalf("first request: %d %q", code, body)
+	}
+	if code, body := get("/two", basic("k1")); code != 200 || body != "hello /two" {
+		t.Fatalf("second request on the same connection: %d %q", code, body)
+	}
+	if n := upstreamConns.Load(); n != 1 {
+		t.Fatalf("upstream connections = %d, want 1 (reused)", n)
+	}
+	// The third request's credentials are checked on their own.
+	if code, _ := get("/three", basic("nobody")); code != http.StatusProxyAuthRequired {
+		t.Fatalf("third request with an unknown key = %d, want 407", code)
+	}
+	waitFor(t, func() bool { return len(f.logs.records(mark, "close")) == 3 })
+	ds := f.logs.records(mark, "decision")
+	if len(ds) != 3 {
+		t.Fatalf("%d decision lines, want 3", len(ds))
+	}
+	expect(t, ds[0], "request", 1, "method", "GET", "identity", "loop", "action", "allowed")
+	expect(t, ds[1], "request", 2, "conn", ds[0]["conn"], "identity", "loop", "action", "allowed")
+	expect(t, ds[2], "request", 3, "conn", ds[0]["conn"], "identity", "unknown", "reason", "unknown_api_key")
+	cs := f.logs.records(mark, "close")
+	expect(t, cs[0], "request", 1, "reason", "closed", "bytes_down", cs[0]["bytes_down"])
+	if cs[0]["bytes_down"].(float64) <= 0 {
+		t.Fatalf("close line without response bytes: %v", cs[0])
+	}
+}
+
+// Expect: 100-continue (curl -T, large POSTs): the upstream's 100 Continue is relayed, the
+// client then sends its body, and the final response follows.
+func TestExpectContinueIsRelayed(t *testing.T) {
+	up := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		b, _ := io.ReadAll(r.Body)
+		fmt.Fprintf(w, "got %d bytes: %s", len(b), b)
+	}))
+	defer up.Close()
+	f := start(t, loopPolicy)
+	c, err := net.Dial("tcp", f.addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(5 * time.Second))
+	fmt.Fprintf(c, "POST %s/upload HTTP/1.1\r\nHost: x\r\nProxy-Authorization: %s\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n", up.URL, basic("k1"))
+	br := bufio.NewReader(c)
+	interim, err := http.ReadResponse(br, nil)
+	if err != nil || interim.StatusCode != http.StatusContinue {
+		t.Fatalf("want 100 Continue before sending the body, got %v %v", interim, err)
+	}
+	io.WriteString(c, "hello")
+	resp, err := http.ReadResponse(br, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, _ := io.ReadAll(resp.Body)
+	if resp.StatusCode != 200 || string(b) != "got 5 bytes: hello" {
+		t.Fatalf("final response %d %q", resp.StatusCode, b)
+	}
 }

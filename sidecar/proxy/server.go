@@ -47,6 +47,7 @@ const (
 	DefaultPeekTimeout        = 5 * time.Second
 	DefaultDialTimeout        = 10 * time.Second
 	DefaultServerFirstTimeout = 500 * time.Millisecond
+	DefaultKeepAliveTimeout   = 30 * time.Second
 )
 
 // Config wires the server to its collaborators. Policy, Classifier, Resolver, Tracker,
@@ -72,11 +73,17 @@ type Config struct {
 	// TLSPorts are the CONNECT ports whose tunnels must open with a ClientHello whose SNI
 	// equals the CONNECT host.
 	TLSPorts map[uint16]bool
+	// DenyECH refuses ClientHellos that carry encrypted_client_hello unless the matched rule
+	// opts in: with ECH the SNI is only the outer name, which decides for a whole CDN.
+	DenyECH bool
 
-	HeaderTimeout  time.Duration // time allowed to send the request head
-	MaxHeaderBytes int           // bound on the request head
-	PeekTimeout    time.Duration // time allowed for the ClientHello or request head once bytes flow
-	DialTimeout    time.Duration // resolving the name; then, separately, connecting
+	HeaderTimeout time.Duration // time allowed to send the request head
+	// KeepAliveTimeout is how long a plain-HTTP client connection may wait idle between
+	// requests.
+	KeepAliveTimeout time.Duration
+	MaxHeaderBytes   int           // bound on the request head
+	PeekTimeout      time.Duration // time allowed for the ClientHello or request head once bytes flow
+	DialTimeout      time.Duration // resolving the name; then, separately, connecting
 }
 
 // Server serves the explicit and transparent listeners.
@@ -85,10 +92,13 @@ type Server struct {
 	decider decision.Decider
 	nextID  atomic.Uint64
 	known   atomic.Pointer[decision.KnownAddrs]
+	// transports pool plain-HTTP upstream connections per identity.
+	transports transports
 
-	mu        sync.Mutex
-	listeners []net.Listener
-	closed    bool
+	mu          sync.Mutex
+	listeners   []net.Listener
+	closed      bool
+	revalidator sync.Once
 }
 
 // New checks cfg and returns a server; call Serve or ServeTransparent to start it.
@@ -114,6 +124,7 @@ func New(cfg Config) (*Server, error) {
 		{"PeekTimeout", &cfg.PeekTimeout, DefaultPeekTimeout},
 		{"DialTimeout", &cfg.DialTimeout, DefaultDialTimeout},
 		{"ServerFirstTimeout", &cfg.ServerFirstTimeout, DefaultServerFirstTimeout},
+		{"KeepAliveTimeout", &cfg.KeepAliveTimeout, DefaultKeepAliveTimeout},
 	}
 	for _, d := range durations {
 		if *d.v < 0 {
@@ -154,6 +165,7 @@ func (s *Server) serve(ln net.Listener, kind listenerKind) error {
 	}
 	s.listeners = append(s.listeners, ln)
 	s.mu.Unlock()
+	s.revalidator.Do(func() { go s.revalidateOnPolicyChange() })
 
 	var backoff time.Duration
 	for {
@@ -182,9 +194,11 @@ func (s *Server) serve(ln net.Listener, kind listenerKind) error {
 		ss := s.newSession(kind, conn, tc)
 		if err != nil {
 			reason := outcome.Draining
-			if errors.Is(err, tunnel.ErrLimit) {
-				reason = outcome.TunnelLimit
-				s.cfg.Metrics.TunnelsRejected.Inc()
+			switch {
+			case errors.Is(err, tunnel.ErrPendingLimit):
+				reason = outcome.PendingLimit
+			case errors.Is(err, tunnel.ErrClientLimit):
+				reason = outcome.ClientLimit
 			}
 			if kind == listenerTransparent {
 				ss.refuse(decision.Refuse(reason), "") // a reset: nothing to wait for
@@ -214,12 +228,33 @@ func (s *Server) Close() {
 	for _, ln := range s.listeners {
 		ln.Close()
 	}
+	s.closeIdleUpstreams()
 }
 
 func (s *Server) isClosed() bool {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return s.closed
+}
+
+// revalidateOnPolicyChange re-checks open tunnels whenever the active policy changes, until
+// Close: a connection the new policy no longer allows (a revoked API key, a removed rule) is
+// closed with reason policy_revoked instead of relaying on under the old decision.
+func (s *Server) revalidateOnPolicyChange() {
+	tick := time.NewTicker(250 * time.Millisecond)
+	defer tick.Stop()
+	last := s.cfg.Policy()
+	for range tick.C {
+		if s.isClosed() {
+			return
+		}
+		if pol := s.cfg.Policy(); pol != last && pol != nil {
+			last = pol
+			if n := s.cfg.Tracker.Revalidate(); n > 0 {
+				s.cfg.Log.Info("closed connections the new policy no longer allows", "count", n, "policy", pol.Hash)
+			}
+		}
+	}
 }
 
 // decide runs the decision with its own budget for name resolution (the dial gets another).

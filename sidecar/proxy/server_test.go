@@ -97,13 +97,13 @@ type fixture struct {
 
 // start runs a proxy on 127.0.0.1 with the given policy. Loopback is internal, so tests that
 // reach loopback upstreams need a rule naming 127.0.0.0/8, exactly as in production.
-func start(t *testing.T, policyYAML string, tlsPorts ...uint16) *fixture {
+func start(t testing.TB, policyYAML string, tlsPorts ...uint16) *fixture {
 	t.Helper()
 	return startWith(t, policyYAML, func(*Config) {}, tlsPorts...)
 }
 
 // startWith is start with a hook that may change the configuration before New.
-func startWith(t *testing.T, policyYAML string, adjust func(*Config), tlsPorts ...uint16) *fixture {
+func startWith(t testing.TB, policyYAML string, adjust func(*Config), tlsPorts ...uint16) *fixture {
 	t.Helper()
 	pol, err := policy.Parse("test.yaml", []byte(policyYAML), policy.Options{InternalDomains: policy.DefaultInternalDomains})
 	if err != nil {

@@ -12,6 +12,7 @@ import (
 	"github.com/egress-guard/egress-guard/pkg/decision"
 	"github.com/egress-guard/egress-guard/pkg/dialer"
 	"github.com/egress-guard/egress-guard/pkg/outcome"
+	"github.com/egress-guard/egress-guard/pkg/policy"
 	"github.com/egress-guard/egress-guard/sidecar/tunnel"
 )
 
@@ -48,6 +49,10 @@ type session struct {
 	tc   *tunnel.Conn // nil when the tracker refused the connection (cap, drain)
 	kind listenerKind
 	rec  accesslog.Record
+
+	// apiKey is the credential the explicit client authenticated with (never logged): a
+	// tunnel is re-checked against it when the policy changes.
+	apiKey string
 
 	// httpAnswer is true while an HTTP status can still be written to the client: on the
 	// explicit listener until "200 Connection established" has gone out.
@@ -106,6 +111,7 @@ func (ss *session) count() {
 func (ss *session) refuse(v decision.Verdict, detail string) {
 	ss.decide(v)
 	ss.count() // before the answer: whoever sees the answer sees the count
+	ss.srv.cfg.Metrics.Refusals.WithLabelValues(v.Reason.String()).Inc()
 	if ss.httpAnswer {
 		code := httpStatus(v.Reason)
 		var hdr []string
@@ -121,6 +127,45 @@ func (ss *session) refuse(v decision.Verdict, detail string) {
 		ss.reset()
 	}
 	ss.end(outcome.Refused, 0, 0)
+}
+
+// admit counts an allowed connection toward the tunnel cap and the identity's limit (it was
+// only pending until now). It refuses the connection and reports false at either limit.
+func (ss *session) admit() bool {
+	err := ss.tc.Admit(ss.rec.Identity)
+	if err == nil {
+		return true
+	}
+	reason := outcome.IdentityLimit
+	if errors.Is(err, tunnel.ErrLimit) {
+		reason = outcome.TunnelLimit
+		ss.srv.cfg.Metrics.TunnelsRejected.Inc()
+	}
+	ss.refuse(decision.Refuse(reason), "")
+	return false
+}
+
+// watchPolicy registers the question a policy change asks of an established tunnel: does
+// the new policy still allow this identity (for the explicit listener, this credential) to
+// reach this target at this upstream address? Only immutable copies are captured.
+func (ss *session) watchPolicy(t decision.Target) {
+	s, identity, key, upstream := ss.srv, ss.rec.Identity, ss.apiKey, ss.rec.Upstream
+	ss.tc.SetStillAllowed(func() bool {
+		pol := s.cfg.Policy()
+		if pol == nil {
+			return true // no policy is not a new policy: keep the last decision
+		}
+		var id *policy.Identity
+		if s.cfg.Identity != "" {
+			id = pol.Identity(s.cfg.Identity)
+		} else {
+			id = pol.IdentityByAPIKey(key)
+		}
+		if id == nil || id.Name != identity {
+			return false
+		}
+		return s.decider.StillAllows(id, t, upstream.Addr(), s.known.Load())
+	})
 }
 
 // tunnelOpen records that the explicit client was told the tunnel is open: from here on a
@@ -174,15 +219,31 @@ func (ss *session) failDial(err error) {
 // relayed, so that long tunnels are counted when they open.
 func (ss *session) established() { ss.count() }
 
-// discard ends a connection that made no request at all (a TCP health probe): no lines.
+// discard ends a connection without a request to log: one that sent nothing at all (a TCP
+// health probe), or a keep-alive connection closed between requests.
 func (ss *session) discard() {
 	ss.ended = true
 	ss.release()
 }
 
-// end writes the close line and releases the connection. When the tracker closed the
-// sockets (idle timeout, drain) its reason wins: that is why the connection ended.
+// end writes the close line and releases the connection.
 func (ss *session) end(reason outcome.CloseReason, up, down int64) {
+	ss.finish(reason, up, down)
+	ss.release()
+}
+
+// next starts the record of the next request on a keep-alive connection: it is decided,
+// counted and logged on its own, under the same connection number.
+func (ss *session) next() {
+	prev := ss.rec
+	ss.rec = accesslog.Record{ID: prev.ID, Listener: prev.Listener, Client: prev.Client, Protocol: prev.Protocol,
+		Identity: "none", Destination: "none", Start: time.Now(), Request: prev.Request + 1}
+	ss.decided, ss.counted, ss.ended = false, false, false
+}
+
+// finish writes the close line of the current request or connection. When the tracker
+// closed the sockets (idle timeout, drain) its reason wins: that is why the connection ended.
+func (ss *session) finish(reason outcome.CloseReason, up, down int64) {
 	if ss.ended {
 		return
 	}
@@ -206,7 +267,6 @@ func (ss *session) end(reason outcome.CloseReason, up, down int64) {
 		m.TunnelBytes.WithLabelValues(ss.rec.Identity, "down").Add(float64(down))
 	}
 	m.ConnectionsClosed.WithLabelValues(reason.String()).Inc()
-	ss.release()
 }
 
 func (ss *session) release() {
@@ -231,7 +291,7 @@ func httpStatus(r outcome.Reason) int {
 		return http.StatusBadRequest
 	case outcome.HeaderTooLarge:
 		return http.StatusRequestHeaderFieldsTooLarge
-	case outcome.NoPolicy, outcome.TunnelLimit, outcome.Draining:
+	case outcome.NoPolicy, outcome.TunnelLimit, outcome.Draining, outcome.PendingLimit, outcome.ClientLimit, outcome.IdentityLimit:
 		return http.StatusServiceUnavailable
 	case outcome.NoSuchHost, outcome.ResolveFailed:
 		return http.StatusBadGateway
@@ -250,8 +310,12 @@ func refusalText(r outcome.Reason) string {
 		return "destination resolves only to addresses this identity may not reach"
 	case outcome.NoPolicy:
 		return "no policy loaded yet"
-	case outcome.TunnelLimit:
+	case outcome.TunnelLimit, outcome.PendingLimit:
 		return "too many concurrent connections"
+	case outcome.ClientLimit:
+		return "too many connections from this client"
+	case outcome.IdentityLimit:
+		return "too many concurrent connections for this identity"
 	case outcome.Draining:
 		return "shutting down"
 	case outcome.NoSuchHost:

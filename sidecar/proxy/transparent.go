@@ -7,12 +7,14 @@ import (
 	"os"
 	"slices"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/egress-guard/egress-guard/pkg/decision"
 	"github.com/egress-guard/egress-guard/pkg/origdst"
 	"github.com/egress-guard/egress-guard/pkg/outcome"
 	"github.com/egress-guard/egress-guard/pkg/peek"
+	"github.com/egress-guard/egress-guard/pkg/policy"
 )
 
 // maxPeek bounds what the transparent listener buffers before deciding: a ClientHello with
@@ -51,21 +53,35 @@ func (s *Server) serveTransparent(ss *session) {
 	}
 	ss.rec.Identity = id.Name
 
-	name, proto, prefix := s.peekName(conn)
-	ss.rec.Protocol = proto
+	p := s.peekName(conn)
+	ss.rec.Protocol, ss.rec.ECH = p.protocol, p.ech
+	if p.protocol == "http-proxy" {
+		// The app has its own proxy settings and speaks to its proxy: answer as that proxy,
+		// with this pod's identity and the explicit listener's rules (HTTP statuses included).
+		ss.httpAnswer = true
+		s.serveExplicitFrom(ss, p.prefix)
+		return
+	}
 	origAddr := orig.Addr().Unmap()
 	t := decision.Target{Addr: origAddr, Port: orig.Port()}
-	if name != "" {
-		if nt, err := parseTarget(name, strconv.Itoa(int(orig.Port()))); err == nil && nt.IsName() {
+	if p.name != "" {
+		if nt, err := parseTarget(p.name, strconv.Itoa(int(orig.Port()))); err == nil && nt.IsName() {
 			t = nt
-			ss.rec.SNI = name
+			ss.rec.SNI = p.name
 			ss.rec.Target = t.String()
 		}
 	}
 
 	v := s.decide(id, t, s.known.Load())
+	if v.Proceeds() {
+		v = decision.CheckECH(v, id.Mode, p.ech, s.cfg.DenyECH)
+	}
 	if !v.Proceeds() {
+		ss.rec.Hint = serverFirstHint(id, t, v)
 		ss.refuse(v, "")
+		return
+	}
+	if !ss.admit() {
 		return
 	}
 	// Prefer the app's own choice when the proxy's answer contains it (keeps the app's view
@@ -79,7 +95,8 @@ func (s *Server) serveTransparent(ss *session) {
 		return
 	}
 	ss.established()
-	up, down, reason := ss.tc.Relay(prefix)
+	ss.watchPolicy(t)
+	up, down, reason := ss.tc.Relay(p.prefix)
 	ss.end(reason, up, down)
 }
 
@@ -90,58 +107,101 @@ func (s *Server) isOwnListener(conn *net.TCPConn, orig netip.AddrPort) bool {
 	return orig.Port() == local.Port() && (orig.Addr().Unmap() == local.Addr().Unmap() || orig.Addr().IsLoopback())
 }
 
+// peeked is what the first bytes of a captured connection said.
+type peeked struct {
+	name     string // the SNI or Host name, normalised; "" when none was sent
+	protocol string // tls, http, http-proxy, server-first or tcp
+	ech      bool   // the ClientHello carries encrypted_client_hello
+	prefix   []byte // every byte read, to replay upstream
+}
+
 // peekName reads the client's first bytes to learn the name it is asking for: the SNI of a TLS
 // ClientHello or the Host of an HTTP/1.x request. It returns what it read so it can be replayed
 // upstream. A client that sends nothing within ServerFirstTimeout (a server-first protocol), or
 // bytes of another protocol, yields no name; the decision then rests on the original address.
 // A name is never inferred from a partial or malformed message.
-func (s *Server) peekName(conn *net.TCPConn) (name, proto string, consumed []byte) {
-	buf := make([]byte, 0, 2048)
+//
+// A request in proxy form (CONNECT, or an absolute URL) is an app with its own proxy
+// settings: it is marked http-proxy, and served as the explicit listener would serve it.
+func (s *Server) peekName(conn *net.TCPConn) peeked {
+	p := peeked{protocol: "tcp", prefix: make([]byte, 0, 2048)}
 	conn.SetReadDeadline(time.Now().Add(s.cfg.ServerFirstTimeout))
 	defer conn.SetReadDeadline(time.Time{})
-	proto = "tcp"
 	first := true
-	for len(buf) < maxPeek {
+	for len(p.prefix) < maxPeek {
+		buf := p.prefix
 		if len(buf) == cap(buf) {
 			buf = slices.Grow(buf, min(cap(buf), maxPeek-len(buf)))
 		}
 		n, err := conn.Read(buf[len(buf):min(cap(buf), maxPeek)])
-		buf = buf[:len(buf)+n]
+		p.prefix = buf[:len(buf)+n]
 		if n > 0 {
 			if first {
 				first = false
 				// The client speaks first: give it the full peek budget for its message.
 				conn.SetReadDeadline(time.Now().Add(s.cfg.PeekTimeout))
 			}
-			switch peek.Sniff(buf) {
+			switch peek.Sniff(p.prefix) {
 			case peek.ProtoTLS:
-				proto = "tls"
-				hello, perr := peek.ParseClientHello(buf)
+				p.protocol = "tls"
+				hello, perr := peek.ParseClientHello(p.prefix)
 				if perr == nil {
-					return hello.ServerName, proto, buf
+					p.name, p.ech = hello.ServerName, hello.ECH
+					return p
 				}
 				if !errors.Is(perr, peek.ErrNeedMore) {
-					return "", proto, buf
+					return p
 				}
 			case peek.ProtoHTTP:
-				proto = "http"
-				req, perr := peek.ParseHTTPRequestHead(buf, maxPeek)
+				p.protocol = "http"
+				req, perr := peek.ParseHTTPRequestHead(p.prefix, maxPeek)
 				if perr == nil {
-					return req.Name, proto, buf
+					if isProxyRequest(req) {
+						p.protocol = "http-proxy"
+						return p
+					}
+					p.name = req.Name
+					return p
 				}
 				if !errors.Is(perr, peek.ErrNeedMore) {
-					return "", proto, buf
+					return p
 				}
 			default:
-				return "", proto, buf
+				return p
 			}
 		}
 		if err != nil {
-			if len(buf) == 0 && errors.Is(err, os.ErrDeadlineExceeded) {
-				proto = "server-first"
+			if len(p.prefix) == 0 && errors.Is(err, os.ErrDeadlineExceeded) {
+				p.protocol = "server-first"
 			}
-			return "", proto, buf
+			return p
 		}
 	}
-	return "", proto, buf
+	return p
+}
+
+// isProxyRequest reports a request meant for a forward proxy: CONNECT, or an absolute URL as
+// the request target.
+func isProxyRequest(req *peek.HTTPRequest) bool {
+	if req.Method == "CONNECT" {
+		return true
+	}
+	t := strings.ToLower(req.Target)
+	return strings.HasPrefix(t, "http://") || strings.HasPrefix(t, "https://")
+}
+
+// serverFirstHint explains a denied captured connection that named no host when the identity
+// has wildcard rules for its port: a wildcard cannot match an address, and only exact-name
+// rules are resolved ahead. Without the hint such a denial is hard to tell from a missing rule.
+func serverFirstHint(id *policy.Identity, t decision.Target, v decision.Verdict) string {
+	if t.IsName() || v.Reason != outcome.NoMatchingRule {
+		return ""
+	}
+	for _, r := range id.Rules {
+		if r.Kind == policy.KindSuffix && r.AllowsPort(t.Port) {
+			return "the client sent no host name (a server-first protocol such as SMTP, PostgreSQL, Redis or SSH); " +
+				"wildcard rules such as " + r.Entry + " cannot match an address: add an exact-name rule for this host"
+		}
+	}
+	return ""
 }

@@ -17,6 +17,7 @@ import (
 	"errors"
 	"io"
 	"net"
+	"net/netip"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -26,16 +27,30 @@ import (
 	"github.com/egress-guard/egress-guard/pkg/outcome"
 )
 
-// ErrLimit is returned by Add when the concurrent connection cap is reached.
-var ErrLimit = errors.New("tunnel: concurrent connection limit reached")
+// Errors of Add and Admit: which limit refused the connection.
+var (
+	ErrLimit         = errors.New("tunnel: concurrent connection limit reached")
+	ErrPendingLimit  = errors.New("tunnel: too many undecided connections")
+	ErrClientLimit   = errors.New("tunnel: too many undecided connections from this client")
+	ErrIdentityLimit = errors.New("tunnel: this identity's connection limit reached")
+)
 
 // ErrDraining is returned by Add once Drain has started.
 var ErrDraining = errors.New("tunnel: proxy is draining")
 
-// Config sets the tracker's limits.
+// Config sets the tracker's limits. Every connection is first pending (accepted, not yet
+// decided), then admitted (decided and allowed). Only admitted connections count toward
+// MaxConns, so that clients that never authenticate cannot take the cap from those that do;
+// pending ones have their own, smaller budgets. Zero means no limit.
 type Config struct {
-	// MaxConns caps the connections tracked at once; 0 means no cap.
+	// MaxConns caps the admitted connections.
 	MaxConns int
+	// MaxPending caps the connections accepted but not yet decided.
+	MaxPending int
+	// MaxPendingPerClient caps the undecided connections of one client address.
+	MaxPendingPerClient int
+	// MaxPerIdentity caps the admitted connections of one identity.
+	MaxPerIdentity int
 	// IdleTimeout closes a connection on which no byte moved for this long.
 	IdleTimeout time.Duration
 	// DrainIdleTimeout is the idle timeout while draining: idle keep-alive and pooled
@@ -54,6 +69,13 @@ type Tracker struct {
 	wg       sync.WaitGroup
 	count    atomic.Int64
 
+	// Under mu: undecided connections, in all and per client address; admitted ones, in all
+	// and per identity.
+	pending     int
+	perClient   map[netip.Addr]int
+	admitted    int
+	perIdentity map[string]int
+
 	// probe reads a socket's activity counter; a field so tests can observe the reaper.
 	probe func(*net.TCPConn) (uint64, bool)
 	// snapshot is the reaper's reusable list of connections to probe.
@@ -65,7 +87,8 @@ func NewTracker(cfg Config) *Tracker {
 	if cfg.Tick <= 0 {
 		cfg.Tick = time.Second
 	}
-	return &Tracker{cfg: cfg, conns: make(map[*Conn]struct{}), probe: socketBytes}
+	return &Tracker{cfg: cfg, conns: make(map[*Conn]struct{}), probe: socketBytes,
+		perClient: map[netip.Addr]int{}, perIdentity: map[string]int{}}
 }
 
 // Conn is a tracked client connection and, once dialed, its upstream.
@@ -76,27 +99,106 @@ type Conn struct {
 	upstream *net.TCPConn
 	reason   outcome.CloseReason // set when the tracker closes the connection
 
+	// Under Tracker.mu.
+	clientAddr netip.Addr
+	identity   string // set by Admit
+	admitted   bool
+	// stillAllowed, when set, is asked after a policy change whether the connection may go
+	// on (Revalidate).
+	stillAllowed func() bool
+
 	// Owned by the reaper goroutine alone.
 	lastBytes  uint64
 	lastChange time.Time
 }
 
-// Add starts tracking client. It fails with ErrLimit at the cap and with ErrDraining once
-// draining; the caller still owns client then.
+// Add starts tracking client as pending (not yet decided). It fails with ErrDraining once
+// draining, and with ErrPendingLimit or ErrClientLimit at those budgets; the caller still owns
+// client then.
 func (t *Tracker) Add(client *net.TCPConn) (*Conn, error) {
+	var addr netip.Addr
+	if ta, ok := client.RemoteAddr().(*net.TCPAddr); ok {
+		addr = ta.AddrPort().Addr().Unmap()
+	}
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	if t.draining {
 		return nil, ErrDraining
 	}
-	if t.cfg.MaxConns > 0 && len(t.conns) >= t.cfg.MaxConns {
-		return nil, ErrLimit
+	if t.cfg.MaxPending > 0 && t.pending >= t.cfg.MaxPending {
+		return nil, ErrPendingLimit
 	}
-	c := &Conn{t: t, client: client}
+	if t.cfg.MaxPendingPerClient > 0 && t.perClient[addr] >= t.cfg.MaxPendingPerClient {
+		return nil, ErrClientLimit
+	}
+	c := &Conn{t: t, client: client, clientAddr: addr}
 	t.conns[c] = struct{}{}
+	t.pending++
+	t.perClient[addr]++
 	t.wg.Add(1)
 	t.count.Add(1)
 	return c, nil
+}
+
+// Admit moves a decided, allowed connection from the pending budget to the admitted ones. It
+// fails with ErrLimit or ErrIdentityLimit; the connection stays pending then. Admitting twice
+// is a no-op (a keep-alive connection is admitted by its first request).
+func (c *Conn) Admit(identity string) error {
+	t := c.t
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if c.admitted {
+		return nil
+	}
+	if t.cfg.MaxConns > 0 && t.admitted >= t.cfg.MaxConns {
+		return ErrLimit
+	}
+	if t.cfg.MaxPerIdentity > 0 && t.perIdentity[identity] >= t.cfg.MaxPerIdentity {
+		return ErrIdentityLimit
+	}
+	t.unpend(c)
+	c.admitted, c.identity = true, identity
+	t.admitted++
+	t.perIdentity[identity]++
+	return nil
+}
+
+// unpend removes c from the pending counts; under t.mu.
+func (t *Tracker) unpend(c *Conn) {
+	t.pending--
+	if t.perClient[c.clientAddr]--; t.perClient[c.clientAddr] <= 0 {
+		delete(t.perClient, c.clientAddr)
+	}
+}
+
+// SetStillAllowed registers the question Revalidate asks after a policy change.
+func (c *Conn) SetStillAllowed(f func() bool) {
+	c.t.mu.Lock()
+	c.stillAllowed = f
+	c.t.mu.Unlock()
+}
+
+// Revalidate asks every connection that registered a question whether it may go on, and
+// closes those that may not with reason policy_revoked. The questions are asked outside the
+// tracker lock. It returns how many it closed.
+func (t *Tracker) Revalidate() int {
+	t.mu.Lock()
+	var list []*Conn
+	var checks []func() bool
+	for c := range t.conns {
+		if c.stillAllowed != nil {
+			list, checks = append(list, c), append(checks, c.stillAllowed)
+		}
+	}
+	t.mu.Unlock()
+	closed := 0
+	for i, c := range list {
+		if !checks[i]() {
+			c.closeWith(outcome.PolicyRevoked)
+			closed++
+		}
+	}
+	return closed
 }
 
 // Len returns the number of tracked connections.
@@ -108,6 +210,14 @@ func (c *Conn) Done() {
 	t := c.t
 	t.mu.Lock()
 	delete(t.conns, c)
+	if c.admitted {
+		t.admitted--
+		if t.perIdentity[c.identity]--; t.perIdentity[c.identity] <= 0 {
+			delete(t.perIdentity, c.identity)
+		}
+	} else {
+		t.unpend(c)
+	}
 	t.mu.Unlock()
 	c.closeSockets()
 	t.count.Add(-1)

@@ -169,23 +169,86 @@ func TestIdleTimeoutClosesSilentTunnel(t *testing.T) {
 	}
 }
 
-func TestLimit(t *testing.T) {
-	tr := NewTracker(Config{MaxConns: 1})
-	a, _ := pair(t)
-	b, _ := pair(t)
-	c, err := tr.Add(a)
+// Only admitted (decided) connections count toward MaxConns: undecided ones have their own
+// budgets, in all and per client, so silent clients cannot take the cap from decided ones.
+func TestLimits(t *testing.T) {
+	tr := NewTracker(Config{MaxConns: 1, MaxPending: 3, MaxPendingPerClient: 2, MaxPerIdentity: 1})
+	conns := make([]*net.TCPConn, 4)
+	for i := range conns {
+		conns[i], _ = pair(t)
+	}
+	a, err := tr.Add(conns[0])
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := tr.Add(b); !errors.Is(err, ErrLimit) {
-		t.Fatalf("second Add: %v, want ErrLimit", err)
-	}
-	c.Done()
-	c2, err := tr.Add(b)
+	b, err := tr.Add(conns[1])
 	if err != nil {
-		t.Fatalf("Add after Done: %v", err)
+		t.Fatal(err)
 	}
-	c2.Done()
+	// All from 127.0.0.1: the per-client budget of 2 is spent.
+	if _, err := tr.Add(conns[2]); !errors.Is(err, ErrClientLimit) {
+		t.Fatalf("third pending from one client: %v, want ErrClientLimit", err)
+	}
+	if err := a.Admit("x"); err != nil {
+		t.Fatal(err)
+	}
+	// a no longer counts as pending.
+	c, err := tr.Add(conns[2])
+	if err != nil {
+		t.Fatalf("pending after an admit: %v", err)
+	}
+	if err := b.Admit("y"); !errors.Is(err, ErrLimit) {
+		t.Fatalf("second admit at MaxConns 1: %v, want ErrLimit", err)
+	}
+	a.Done()
+	if err := b.Admit("x"); err != nil {
+		t.Fatalf("admit after Done: %v", err)
+	}
+	if err := b.Admit("x"); err != nil {
+		t.Fatalf("admitting twice: %v", err)
+	}
+	tr.cfg.MaxConns = 0
+	if err := c.Admit("x"); !errors.Is(err, ErrIdentityLimit) {
+		t.Fatalf("second connection of identity x: %v, want ErrIdentityLimit", err)
+	}
+	if err := c.Admit("z"); err != nil {
+		t.Fatal(err)
+	}
+	b.Done()
+	c.Done()
+	if tr.pending != 0 || tr.admitted != 0 || len(tr.perClient) != 0 || len(tr.perIdentity) != 0 || tr.Len() != 0 {
+		t.Fatalf("counts not back to zero: pending %d admitted %d clients %v identities %v", tr.pending, tr.admitted, tr.perClient, tr.perIdentity)
+	}
+	tr2 := NewTracker(Config{MaxPending: 1})
+	d, _ := tr2.Add(conns[3])
+	if _, err := tr2.Add(conns[0]); !errors.Is(err, ErrPendingLimit) {
+		t.Fatalf("pending over MaxPending: %v", err)
+	}
+	d.Done()
+}
+
+func TestRevalidateClosesWhatThePolicyNoLongerAllows(t *testing.T) {
+	tr := NewTracker(Config{})
+	app1, server1, keep := setup(t, tr)
+	_, server2, revoke := setup(t, tr)
+	keep.SetStillAllowed(func() bool { return true })
+	revoke.SetStillAllowed(func() bool { return false })
+	r1, r2 := relay(keep, nil), relay(revoke, nil)
+	if n := tr.Revalidate(); n != 1 {
+		t.Fatalf("Revalidate closed %d, want 1", n)
+	}
+	if r := wait(t, r2); r.reason != outcome.PolicyRevoked {
+		t.Fatalf("revoked tunnel ended with %s, want policy_revoked", r.reason)
+	}
+	server2.Close()
+	select {
+	case r := <-r1:
+		t.Fatalf("allowed tunnel ended: %+v", r)
+	case <-time.After(100 * time.Millisecond):
+	}
+	server1.Close()
+	app1.Close()
+	wait(t, r1)
 }
 
 func TestDrainWaitsThenCloses(t *testing.T) {
