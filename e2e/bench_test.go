@@ -2,15 +2,20 @@ package e2e
 
 import (
 	"context"
+	"crypto/tls"
 	"fmt"
 	"io"
+	"net/http"
 	"os"
 	"path/filepath"
 	"slices"
+	"strings"
+	"syscall"
 	"testing"
 	"time"
 
 	"github.com/egress-guard/egress-guard/internal/netlab"
+	"github.com/egress-guard/egress-guard/pkg/contract"
 )
 
 // BenchmarkTransparent measures what capture costs an app: connection setup (connect, one
@@ -94,4 +99,116 @@ func BenchmarkTransparent(b *testing.B) {
 			<-done
 		})
 	}
+}
+
+// BenchmarkControlPlane10000Sidecars: one control plane (the real binary, with a real API
+// server for the TokenReview) holding 10,000 sidecars' long-polls, each on its own TLS
+// connection; reports the control plane's RSS while they wait and the time from a policy edit
+// on disk until every one of them has the new rules (watch interval 200ms + settle 250ms
+// included).
+func BenchmarkControlPlane10000Sidecars(b *testing.B) {
+	const sidecars = 10000
+	var lim syscall.Rlimit
+	syscall.Getrlimit(syscall.RLIMIT_NOFILE, &lim)
+	want := uint64(3*sidecars + 1024)
+	if lim.Cur < want {
+		lim.Cur, lim.Max = want, max(lim.Max, want)
+		if err := syscall.Setrlimit(syscall.RLIMIT_NOFILE, &lim); err != nil {
+			b.Skipf("cannot raise the open-file limit to %d: %v", want, err)
+		}
+	}
+	e := startK8s(b)
+	ca, err := netlab.NewCA()
+	if err != nil {
+		b.Fatal(err)
+	}
+	caFile := filepath.Join(b.TempDir(), "ca.pem")
+	os.WriteFile(caFile, ca.PEM, 0o644)
+	cp := startControlPlane(b, e, ca, caFile, "127.0.0.1")
+	token := e.token(b, "shop", "frontend", contract.TokenAudience, "app")
+	tr := &http.Transport{TLSClientConfig: &tls.Config{RootCAs: certPool(b, ca.PEM)}, MaxIdleConnsPerHost: sidecars}
+	defer tr.CloseIdleConnections()
+	client := &http.Client{Transport: tr, Timeout: 3 * time.Minute}
+	get := func(etag, wait string) (int, string, error) {
+		req, _ := http.NewRequest("GET", cp.url+contract.PolicyPath+wait, nil)
+		req.Header.Set("Authorization", "Bearer "+token)
+		if etag != "" {
+			req.Header.Set("If-None-Match", etag)
+		}
+		resp, err := client.Do(req)
+		if err != nil {
+			return 0, "", err
+		}
+		io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+		return resp.StatusCode, resp.Header.Get("ETag"), nil
+	}
+	waiting := func() float64 {
+		resp, err := http.Get(fmt.Sprintf("http://127.0.0.1:%d/metrics", cp.metrics))
+		if err != nil {
+			return 0
+		}
+		defer resp.Body.Close()
+		body, _ := io.ReadAll(resp.Body)
+		for _, l := range strings.Split(string(body), "\n") {
+			if strings.HasPrefix(l, "egress_guard_controller_sidecars_waiting ") {
+				var v float64
+				fmt.Sscanf(strings.Fields(l)[1], "%g", &v)
+				return v
+			}
+		}
+		return 0
+	}
+	for i := 0; i < b.N; i++ {
+		_, etag, err := get("", "")
+		if err != nil {
+			b.Fatal(err)
+		}
+		done := make(chan time.Time, sidecars)
+		for j := 0; j < sidecars; j++ {
+			go func() {
+				code, _, err := get(etag, "?wait=2m")
+				if err != nil || code != 200 {
+					b.Errorf("long-poll: %d %v", code, err)
+				}
+				done <- time.Now()
+			}()
+		}
+		deadline := time.Now().Add(3 * time.Minute)
+		for waiting() < sidecars {
+			if time.Now().After(deadline) {
+				b.Fatalf("only %v of %d sidecars waiting", waiting(), sidecars)
+			}
+			time.Sleep(200 * time.Millisecond)
+		}
+		rss := procRSS(cp.proc.PID())
+		edited := strings.Replace(identityPolicy, `["api.example.com", "127.0.0.0/8"]`, fmt.Sprintf(`["api.example.com", "127.0.0.0/8", "e%d.example.com"]`, i), 1)
+		start := time.Now()
+		os.WriteFile(cp.policy, []byte(edited), 0o644)
+		var last time.Time
+		for j := 0; j < sidecars; j++ {
+			if t := <-done; t.After(last) {
+				last = t
+			}
+		}
+		b.ReportMetric(float64(last.Sub(start).Milliseconds()), "ms-edit-to-all")
+		b.ReportMetric(float64(rss)/1024, "controller-RSS-MiB")
+		b.Logf("%d sidecars waiting: controller RSS %d KiB; edit to all of them: %v", sidecars, rss, last.Sub(start))
+	}
+}
+
+// procRSS is a process's resident set in KiB.
+func procRSS(pid int) int64 {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		return 0
+	}
+	for _, l := range strings.Split(string(b), "\n") {
+		if strings.HasPrefix(l, "VmRSS:") {
+			var kb int64
+			fmt.Sscanf(strings.TrimSpace(strings.TrimPrefix(l, "VmRSS:")), "%d", &kb)
+			return kb
+		}
+	}
+	return 0
 }

@@ -44,12 +44,25 @@ type pod struct {
 }
 
 // startPod brings up its own lab (capture rules would redirect the gateway tests' curl) with
-// the init program applied and the sidecar running.
+// the init program applied and the sidecar running on a policy file.
 func startPod(t *testing.T) *pod {
+	return startPodWith(t, "es", func(dir string) []string {
+		policy := filepath.Join(dir, "policy.yaml")
+		if err := os.WriteFile(policy, []byte(sidecarPolicy), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		return []string{"IDENTITY=shop", "CONFIGMAP_PATH=" + policy, "WATCH_INTERVAL=1"}
+	}, nil)
+}
+
+// startPodWith is startPod with the sidecar's own settings: sidecarEnv writes what the
+// sidecar reads into dir (readable by proxyUID) and returns its environment. beforeSidecar,
+// if set, runs once the capture rules are in place.
+func startPodWith(t *testing.T, prefix string, sidecarEnv func(dir string) []string, beforeSidecar func(*netlab.Lab)) *pod {
 	t.Helper()
 	require(t, "curl", "iptables", "ip6tables", "setpriv")
 	ctx := context.Background()
-	l, err := netlab.Up(ctx, fmt.Sprintf("es%d", os.Getpid()%100000), hosts, internalRecords)
+	l, err := netlab.Up(ctx, fmt.Sprintf("%s%d", prefix, os.Getpid()%100000), hosts, internalRecords)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -69,21 +82,18 @@ func startPod(t *testing.T) *pod {
 		t.Fatalf("egress-guard-init: %v\n%s", err, out)
 	}
 
-	// The sidecar runs as proxyUID and must read the policy (t.TempDir's parent is 0700).
+	if beforeSidecar != nil {
+		beforeSidecar(l)
+	}
+	// The sidecar runs as proxyUID and must read its files (t.TempDir's parent is 0700).
 	dir, err := os.MkdirTemp("", "egress-guard-sidecar-")
 	if err != nil {
 		t.Fatal(err)
 	}
 	os.Chmod(dir, 0o755)
 	t.Cleanup(func() { os.RemoveAll(dir) })
-	policy := filepath.Join(dir, "policy.yaml")
-	if err := os.WriteFile(policy, []byte(sidecarPolicy), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	side, err := netlab.Start(l.Pod, binary(t, "./cmd/egress-guard"), []string{
-		"MODE=sidecar", "IDENTITY=shop", "CONFIGMAP_PATH=" + policy, "RESOLVER=" + netlab.DNSServer + ":53",
-		"LOG_LEVEL=INFO", "DIAL_TIMEOUT=3s", "WATCH_INTERVAL=1",
-	}, proxyUID, proxyUID)
+	env := append([]string{"MODE=sidecar", "RESOLVER=" + netlab.DNSServer + ":53", "LOG_LEVEL=INFO", "DIAL_TIMEOUT=3s"}, sidecarEnv(dir)...)
+	side, err := netlab.Start(l.Pod, binary(t, "./cmd/egress-guard"), env, proxyUID, proxyUID)
 	if err != nil {
 		t.Fatal(err)
 	}

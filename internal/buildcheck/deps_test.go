@@ -23,9 +23,10 @@ func deps(t *testing.T, pkg string) []string {
 func TestShippedBinariesStayLean(t *testing.T) {
 	const module = "github.com/egress-guard/egress-guard/"
 	forbidden := map[string][]string{
-		"../../cmd/egress-guard":      {"k8s.io/client-go", "k8s.io/apimachinery/pkg/util/", module + "e2e", module + "internal/netlab", module + "internal/demo"},
-		"../../cmd/egress-guard-init": {"k8s.io/", "github.com/prometheus/", module + "e2e", module + "internal/netlab", module + "internal/demo", module + "sidecar"},
-		"../../cmd/egress-guard-demo": {"k8s.io/client-go", module + "e2e"},
+		"../../cmd/egress-guard":            {"k8s.io/client-go", module + "controller", module + "e2e", module + "internal/"},
+		"../../cmd/egress-guard-init":       {"k8s.io/", "github.com/prometheus/", module + "e2e", module + "internal/", module + "sidecar", module + "controller"},
+		"../../cmd/egress-guard-controller": {module + "e2e", module + "internal/", module + "sidecar"},
+		"../../cmd/egress-guard-demo":       {"k8s.io/client-go", module + "e2e"},
 	}
 	for pkg, bad := range forbidden {
 		list := deps(t, pkg)

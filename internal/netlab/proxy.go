@@ -44,7 +44,17 @@ func Start(ns *NS, bin string, env []string, uid, gid uint32) (*Process, error) 
 	if uid > 0 {
 		args = append(args, "setpriv", "--reuid", fmt.Sprint(uid), "--regid", fmt.Sprint(gid), "--clear-groups", "--")
 	}
-	cmd := exec.Command("ip", append(args, bin)...)
+	return start(exec.Command("ip", append(args, bin)...), env)
+}
+
+// StartHost runs bin in this (the host's) network namespace, as root, capturing its output
+// like Start: for services the tests run beside a real API server on the host's loopback.
+func StartHost(bin string, env []string, args ...string) (*Process, error) {
+	return start(exec.Command(bin, args...), env)
+}
+
+func start(cmd *exec.Cmd, env []string) (*Process, error) {
+	bin := cmd.Path
 	cmd.Env = append(os.Environ(), env...)
 	pr, pw := io.Pipe()
 	cmd.Stdout, cmd.Stderr = pw, pw
@@ -145,6 +155,9 @@ func (p *Process) Tail(n int) string {
 
 // Signal sends sig to the program (through ip netns exec, which execs it).
 func (p *Process) Signal(sig os.Signal) error { return p.cmd.Process.Signal(sig) }
+
+// PID is the process's id (for reading its /proc entries, such as its RSS).
+func (p *Process) PID() int { return p.cmd.Process.Pid }
 
 // Wait waits up to timeout for the program to exit and returns its exit error.
 func (p *Process) Wait(timeout time.Duration) (exited bool, err error) {

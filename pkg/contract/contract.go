@@ -63,3 +63,17 @@ const (
 	ModeGateway = "gateway"
 	ModeSidecar = "sidecar"
 )
+
+// Policy distribution: where a sidecar asks the control plane for its identity's policy, the
+// header that names the identity served, the token it authenticates with and its audience.
+const (
+	PolicyPath       = "/v1/policy"
+	IdentityHeader   = "X-Egress-Guard-Identity"
+	TokenDir         = "/var/run/secrets/egress-guard"
+	TokenFile        = "token"
+	TokenAudience    = "egress-guard"
+	EnvControlPlane  = "CONTROL_PLANE_URL"
+	EnvControlCA     = "CONTROL_PLANE_CA"
+	EnvTokenPath     = "TOKEN_PATH"
+	DefaultTokenPath = TokenDir + "/" + TokenFile
+)

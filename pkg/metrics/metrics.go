@@ -8,40 +8,28 @@
 package metrics
 
 import (
+	"log/slog"
 	"net/http"
+
+	"github.com/egress-guard/egress-guard/pkg/policy"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 )
 
-// Metrics holds the collectors and the registry that serves them.
-type Metrics struct {
-	Registry *prometheus.Registry
-
-	Requests             *prometheus.CounterVec // identity, destination, status
+// Policy holds the metrics of loading a policy, shared by the proxy and the control plane.
+type Policy struct {
 	ConfigReloads        prometheus.Counter
 	ConfigLoadErrors     prometheus.Counter
 	AllowedDestinations  *prometheus.GaugeVec // identity
 	PolicyHash           *prometheus.GaugeVec // hash
-	ActiveTunnels        prometheus.Gauge
-	TunnelsRejected      prometheus.Counter
-	AuditWouldDeny       *prometheus.CounterVec // identity, reason
-	TunnelBytes          *prometheus.CounterVec // identity, direction
-	ConnectionsClosed    *prometheus.CounterVec // reason
 	LastReloadSuccessful prometheus.Gauge
-	Refusals             *prometheus.CounterVec // reason
 }
 
-// New registers every metric on a fresh registry, with the Go and process collectors.
-func New() *Metrics {
-	r := prometheus.NewRegistry()
-	m := &Metrics{
-		Registry: r,
-		Requests: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "egress_proxy_requests_total",
-			Help: "Total proxy requests by identity, matched policy destination and status.",
-		}, []string{"identity", "destination", "status"}),
+// NewPolicy registers the policy metrics on r.
+func NewPolicy(r prometheus.Registerer) *Policy {
+	m := &Policy{
 		ConfigReloads: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "egress_proxy_config_reloads_total",
 			Help: "Successful policy loads.",
@@ -58,6 +46,39 @@ func New() *Metrics {
 			Name: "egress_proxy_policy_hash_info",
 			Help: "1 for the hash of the active policy file (sha256 prefix).",
 		}, []string{"hash"}),
+		LastReloadSuccessful: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "egress_proxy_config_last_reload_successful",
+			Help: "1 if the last policy load attempt succeeded, 0 if it failed.",
+		}),
+	}
+	r.MustRegister(m.ConfigReloads, m.ConfigLoadErrors, m.AllowedDestinations, m.PolicyHash, m.LastReloadSuccessful)
+	return m
+}
+
+// Metrics holds the proxy's collectors and the registry that serves them.
+type Metrics struct {
+	Registry *prometheus.Registry
+	*Policy
+
+	Requests          *prometheus.CounterVec // identity, destination, status
+	ActiveTunnels     prometheus.Gauge
+	TunnelsRejected   prometheus.Counter
+	AuditWouldDeny    *prometheus.CounterVec // identity, reason
+	TunnelBytes       *prometheus.CounterVec // identity, direction
+	ConnectionsClosed *prometheus.CounterVec // reason
+	Refusals          *prometheus.CounterVec // reason
+}
+
+// New registers every metric on a fresh registry, with the Go and process collectors.
+func New() *Metrics {
+	r := prometheus.NewRegistry()
+	m := &Metrics{
+		Registry: r,
+		Policy:   NewPolicy(r),
+		Requests: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "egress_proxy_requests_total",
+			Help: "Total proxy requests by identity, matched policy destination and status.",
+		}, []string{"identity", "destination", "status"}),
 		ActiveTunnels: prometheus.NewGauge(prometheus.GaugeOpts{
 			Name: "egress_proxy_active_tunnels",
 			Help: "Open tunnels and forwarded HTTP exchanges.",
@@ -78,18 +99,13 @@ func New() *Metrics {
 			Name: "egress_proxy_connections_closed_total",
 			Help: "Client connections closed, by close reason (refused ones included).",
 		}, []string{"reason"}),
-		LastReloadSuccessful: prometheus.NewGauge(prometheus.GaugeOpts{
-			Name: "egress_proxy_config_last_reload_successful",
-			Help: "1 if the last policy load attempt succeeded, 0 if it failed.",
-		}),
 		Refusals: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "egress_proxy_refusals_total",
 			Help: "Connections refused before any upstream connection, by decision reason (policy, credentials, limits, malformed requests).",
 		}, []string{"reason"}),
 	}
-	r.MustRegister(m.Requests, m.ConfigReloads, m.ConfigLoadErrors, m.AllowedDestinations,
-		m.PolicyHash, m.ActiveTunnels, m.TunnelsRejected, m.AuditWouldDeny, m.TunnelBytes,
-		m.ConnectionsClosed, m.LastReloadSuccessful, m.Refusals,
+	r.MustRegister(m.Requests, m.ActiveTunnels, m.TunnelsRejected, m.AuditWouldDeny, m.TunnelBytes,
+		m.ConnectionsClosed, m.Refusals,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
 }
@@ -101,7 +117,7 @@ func (m *Metrics) Handler() http.Handler {
 
 // PolicyLoaded records a successful load of the policy with the given hash and the number
 // of destinations per identity. Identities that disappeared lose their series.
-func (m *Metrics) PolicyLoaded(hash string, destinations map[string]int) {
+func (m *Policy) PolicyLoaded(hash string, destinations map[string]int) {
 	m.ConfigReloads.Inc()
 	m.LastReloadSuccessful.Set(1)
 	m.PolicyHash.Reset()
@@ -113,7 +129,23 @@ func (m *Metrics) PolicyLoaded(hash string, destinations map[string]int) {
 }
 
 // PolicyLoadFailed records a rejected policy; the previous policy's series stay.
-func (m *Metrics) PolicyLoadFailed() {
+func (m *Policy) PolicyLoadFailed() {
 	m.ConfigLoadErrors.Inc()
 	m.LastReloadSuccessful.Set(0)
+}
+
+// Observe records a policy load attempt of a watcher, in metrics and one log line: the last
+// good policy stays active on an error.
+func (m *Policy) Observe(log *slog.Logger, p *policy.Policy, err error) {
+	if err != nil {
+		m.PolicyLoadFailed()
+		log.Error("policy rejected; keeping the last good policy", "err", err.Error())
+		return
+	}
+	counts := make(map[string]int)
+	for _, id := range p.Identities() {
+		counts[id.Name] = len(id.Rules)
+	}
+	m.PolicyLoaded(p.Hash, counts)
+	log.Info("policy loaded", "path", p.Source, "hash", p.Hash, "identities", len(counts))
 }

@@ -33,28 +33,31 @@ type Reason uint8
 
 // Decision reasons.
 const (
-	Rule             Reason = iota + 1 // a rule of the identity allows it
-	NoMatchingRule                     // no rule of the identity names the destination
-	InternalAddress                    // it resolves only to addresses the identity may not reach
-	NoCredentials                      // no or unusable Proxy-Authorization
-	UnknownAPIKey                      // an API key no identity has
-	UnknownIdentity                    // the configured identity is not in the policy
-	NoOriginalDst                      // the kernel could not say where a captured connection went
-	ProxyLoop                          // a captured connection addressed to the proxy itself
-	NoPolicy                           // no policy is loaded yet
-	NoSuchHost                         // the name does not exist
-	ResolveFailed                      // resolution failed for another reason (timeout, SERVFAIL)
-	MalformedRequest                   // the request could not be parsed or names no valid target
-	HeaderTooLarge                     // the request head exceeds the bound
-	TunnelLimit                        // the concurrent connection cap is reached
-	Draining                           // the proxy is shutting down
-	SNIMismatch                        // the ClientHello names another host than CONNECT did
-	SNIMissing                         // the ClientHello names no host
-	NoClientHello                      // a TLS port's tunnel did not start with a ClientHello
-	ECHNotAllowed                      // the ClientHello uses ECH and no rule opts in (ECH=deny)
-	PendingLimit                       // too many connections have not yet been decided
-	ClientLimit                        // this client address holds too many undecided connections
-	IdentityLimit                      // this identity holds its maximum of open connections
+	Rule                  Reason = iota + 1 // a rule of the identity allows it
+	NoMatchingRule                          // no rule of the identity names the destination
+	InternalAddress                         // it resolves only to addresses the identity may not reach
+	NoCredentials                           // no or unusable Proxy-Authorization
+	UnknownAPIKey                           // an API key no identity has
+	UnknownIdentity                         // the configured identity is not in the policy
+	NoOriginalDst                           // the kernel could not say where a captured connection went
+	ProxyLoop                               // a captured connection addressed to the proxy itself
+	NoPolicy                                // no policy is loaded yet
+	NoSuchHost                              // the name does not exist
+	ResolveFailed                           // resolution failed for another reason (timeout, SERVFAIL)
+	MalformedRequest                        // the request could not be parsed or names no valid target
+	HeaderTooLarge                          // the request head exceeds the bound
+	TunnelLimit                             // the concurrent connection cap is reached
+	Draining                                // the proxy is shutting down
+	SNIMismatch                             // the ClientHello names another host than CONNECT did
+	SNIMissing                              // the ClientHello names no host
+	NoClientHello                           // a TLS port's tunnel did not start with a ClientHello
+	ECHNotAllowed                           // the ClientHello uses ECH and no rule opts in (ECH=deny)
+	PendingLimit                            // too many connections have not yet been decided
+	ClientLimit                             // this client address holds too many undecided connections
+	IdentityLimit                           // this identity holds its maximum of open connections
+	InvalidToken                            // a ServiceAccount token the API server did not authenticate
+	UnknownServiceAccount                   // a valid ServiceAccount token that no identity selects
+	AuthUnavailable                         // the token could not be verified now (API server unreachable)
 	numReasons
 )
 
@@ -62,7 +65,7 @@ var reasonNames = [numReasons]string{"", "rule", "no_matching_rule", "internal_a
 	"unknown_api_key", "unknown_identity", "no_original_destination", "proxy_loop", "no_policy",
 	"no_such_host", "resolve_failed", "malformed_request", "header_too_large", "tunnel_limit",
 	"draining", "sni_mismatch", "sni_missing", "no_client_hello", "ech_not_allowed", "pending_limit",
-	"client_limit", "identity_limit"}
+	"client_limit", "identity_limit", "invalid_token", "unknown_service_account", "auth_unavailable"}
 
 func (r Reason) String() string {
 	if r > 0 && r < numReasons {
@@ -99,7 +102,7 @@ func StatusOf(r Reason) Status {
 	switch r {
 	case Rule:
 		return StatusAllowed
-	case NoCredentials, UnknownAPIKey:
+	case NoCredentials, UnknownAPIKey, InvalidToken, UnknownServiceAccount, AuthUnavailable:
 		return StatusAuthRequired
 	case MalformedRequest, HeaderTooLarge, NoOriginalDst, ProxyLoop:
 		return StatusBadRequest

@@ -37,6 +37,11 @@ type Rule struct {
 	TLSOptional bool
 	AllowECH    bool // a ClientHello with encrypted_client_hello may use this rule (ECH=deny)
 	Line        int
+
+	// Dest and PortText are the destination and ports as written (without brackets), so that
+	// the rule can be written out again with the same Entry (Document).
+	Dest     string
+	PortText []string
 }
 
 // AllowsPort reports whether the rule covers port.
@@ -63,13 +68,14 @@ func parseDestination(s string) (*Rule, error) {
 	if err != nil {
 		return nil, err
 	}
-	r := &Rule{Entry: s}
+	r := &Rule{Entry: s, Dest: host}
 	if portSpec != "" {
 		pr, err := parsePortRange(portSpec)
 		if err != nil {
 			return nil, err
 		}
 		r.Ports = []PortRange{pr}
+		r.PortText = []string{portSpec}
 	}
 	switch {
 	case strings.Contains(host, "/"):

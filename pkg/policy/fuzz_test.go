@@ -3,6 +3,7 @@ package policy
 import (
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 )
 
@@ -47,6 +48,32 @@ func FuzzParse(f *testing.F) {
 				if got == nil {
 					t.Fatalf("rule %q (%+v) does not match its own destination", r.Entry, r)
 				}
+			}
+		}
+	})
+}
+
+// FuzzServiceAccountSelector: a selector that parses is in normal form (parsing it again
+// gives itself) and names a namespace and a name or "*" that are valid Kubernetes names; a
+// username that parses round-trips.
+func FuzzServiceAccountSelector(f *testing.F) {
+	for _, s := range []string{"shop/frontend", "shop/*", " shop/a.b ", "Shop/x", "shop/", "/x", "a/b/c", "shop/*x", "system:serviceaccount:shop:frontend", "x-/y"} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, s string) {
+		if sel, err := ParseServiceAccountSelector(s); err == nil {
+			again, err := ParseServiceAccountSelector(sel)
+			if err != nil || again != sel {
+				t.Fatalf("%q -> %q -> %q, %v", s, sel, again, err)
+			}
+			ns, name, _ := strings.Cut(sel, "/")
+			if validLabel(ns) != nil || (name != "*" && validSubdomain(name) != nil) {
+				t.Fatalf("%q accepted as %q", s, sel)
+			}
+		}
+		if ns, name, ok := ServiceAccountFromUsername(s); ok {
+			if "system:serviceaccount:"+ns+":"+name != s {
+				t.Fatalf("%q -> %q %q", s, ns, name)
 			}
 		}
 	})

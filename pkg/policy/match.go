@@ -12,7 +12,10 @@ type Identity struct {
 	Name    string
 	Mode    Mode
 	APIKeys []string
-	Rules   []*Rule
+	// ServiceAccounts are the selectors of the Kubernetes ServiceAccounts this identity
+	// stands for: "namespace/name", or "namespace/*" for every ServiceAccount of a namespace.
+	ServiceAccounts []string
+	Rules           []*Rule
 
 	exact  map[string][]*Rule
 	suffix map[string][]*Rule

@@ -49,6 +49,7 @@ type Policy struct {
 
 	byName map[string]*Identity
 	byKey  map[string]*Identity
+	bySA   map[string]*Identity // "namespace/name" and "namespace/*" selectors
 	sorted []*Identity
 }
 
@@ -124,6 +125,7 @@ func Parse(source string, data []byte, opts Options) (*Policy, error) {
 		Source: source,
 		byName: map[string]*Identity{},
 		byKey:  map[string]*Identity{},
+		bySA:   map[string]*Identity{},
 	}
 	sum := sha256.Sum256(data)
 	p.Hash = hex.EncodeToString(sum[:])[:16]
@@ -146,14 +148,18 @@ func Parse(source string, data []byte, opts Options) (*Policy, error) {
 		ps.add(identities.Line, "", "", "no identities")
 	default:
 		keyOwner := map[string]string{}
+		saOwner := map[string]saClaim{}
 		forEachPair(ps, identities, "", func(k, v *yaml.Node) {
-			id := parseIdentity(ps, k, v, opts, keyOwner)
+			id := parseIdentity(ps, k, v, opts, keyOwner, saOwner)
 			if id == nil {
 				return
 			}
 			p.byName[id.Name] = id
 			for _, key := range id.APIKeys {
 				p.byKey[key] = id
+			}
+			for _, sel := range id.ServiceAccounts {
+				p.bySA[sel] = id
 			}
 		})
 	}
@@ -186,7 +192,13 @@ func forEachPair(ps *problems, m *yaml.Node, identity string, fn func(k, v *yaml
 	}
 }
 
-func parseIdentity(ps *problems, k, v *yaml.Node, opts Options, keyOwner map[string]string) *Identity {
+// saClaim records which identity claimed a ServiceAccount selector, and where.
+type saClaim struct {
+	identity string
+	line     int
+}
+
+func parseIdentity(ps *problems, k, v *yaml.Node, opts Options, keyOwner map[string]string, saOwner map[string]saClaim) *Identity {
 	name := strings.TrimSpace(k.Value)
 	if name == "" {
 		ps.add(k.Line, "", "", "empty identity name")
@@ -220,6 +232,20 @@ func parseIdentity(ps *problems, k, v *yaml.Node, opts Options, keyOwner map[str
 				keyOwner[kn.Value] = name
 				id.APIKeys = append(id.APIKeys, kn.Value)
 			}
+		case "service_accounts":
+			for _, sn := range sequence(ps, fv, name, "service_accounts") {
+				sel, err := ParseServiceAccountSelector(sn.Value)
+				if sn.Kind != yaml.ScalarNode || err != nil {
+					ps.add(sn.Line, name, sn.Value, "%v", err)
+					continue
+				}
+				if prev, dup := saOwner[sel]; dup {
+					ps.add(sn.Line, name, sn.Value, "ServiceAccount selector already claimed by identity %q at line %d", prev.identity, prev.line)
+					continue
+				}
+				saOwner[sel] = saClaim{identity: name, line: sn.Line}
+				id.ServiceAccounts = append(id.ServiceAccounts, sel)
+			}
 		case "allowed_destinations":
 			for _, dn := range sequence(ps, fv, name, "allowed_destinations") {
 				if r := parseRule(ps, dn, name, opts); r != nil {
@@ -227,7 +253,7 @@ func parseIdentity(ps *problems, k, v *yaml.Node, opts Options, keyOwner map[str
 				}
 			}
 		default:
-			ps.add(fk.Line, name, "", "unknown field %q (known: mode, api_keys, allowed_destinations)", fk.Value)
+			ps.add(fk.Line, name, "", "unknown field %q (known: mode, api_keys, service_accounts, allowed_destinations)", fk.Value)
 		}
 	})
 	id.Rules = dedupe(id.Rules)
@@ -314,7 +340,7 @@ func parseRule(ps *problems, n *yaml.Node, identity string, opts Options) *Rule 
 				ps.add(dest.Line, identity, dest.Value, "ports given both in the destination and in \"ports\"")
 				return nil
 			}
-			r.Ports = ports
+			r.Ports, r.PortText = ports, portsWritten
 			if strings.Contains(r.Entry, ":") && !strings.HasPrefix(r.Entry, "[") {
 				r.Entry = "[" + r.Entry + "]"
 			}

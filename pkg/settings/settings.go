@@ -13,6 +13,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"log/slog"
 	"net/netip"
 	"strconv"
 	"strings"
@@ -179,6 +180,28 @@ func (s *Set) Addrs(dst *[]netip.Addr, env, flagName, def, usage string) *Settin
 			out = append(out, a.Unmap())
 		}
 		*dst = out
+		return nil
+	})
+}
+
+// ParseSecondsOrDuration reads a whole number of seconds (the original egress-guard's
+// WATCH_INTERVAL) or a positive Go duration such as 500ms.
+func ParseSecondsOrDuration(v string) (time.Duration, error) {
+	if n, err := strconv.Atoi(v); err == nil && n > 0 {
+		return time.Duration(n) * time.Second, nil
+	}
+	if d, err := time.ParseDuration(v); err == nil && d > 0 {
+		return d, nil
+	}
+	return 0, errors.New("want seconds (5) or a duration (500ms)")
+}
+
+// LogLevel declares a log level setting (DEBUG, INFO, WARN, ERROR).
+func (s *Set) LogLevel(dst *slog.Level, env, flagName, def string) *Setting {
+	return s.Func(env, flagName, def, "DEBUG, INFO, WARN or ERROR", func(v string) error {
+		if err := dst.UnmarshalText([]byte(v)); err != nil {
+			return errors.New("want DEBUG, INFO, WARN or ERROR")
+		}
 		return nil
 	})
 }

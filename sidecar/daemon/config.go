@@ -43,13 +43,27 @@ type Config struct {
 	MaxTunnelsPerIdentity int
 	KeepAliveTimeout      time.Duration // KEEPALIVE_TIMEOUT (30s): idle plain-HTTP client connections
 	DenyECH               bool          // ECH=deny: refuse ClientHellos with ECH unless a rule opts in
-	TLSPorts              []uint16      // TLS_PORTS (443,8443)
-	HeaderTimeout         time.Duration // HEADER_TIMEOUT (10s)
-	MaxHeaderBytes        int           // MAX_HEADER_BYTES (32768)
-	PeekTimeout           time.Duration // PEEK_TIMEOUT (5s)
-	DialTimeout           time.Duration // DIAL_TIMEOUT (10s)
-	InternalCIDRs         []netip.Prefix
-	InternalDomains       []string // INTERNAL_DOMAINS: exact names here may reach private addresses
+
+	// A sidecar's policy from the control plane (CONTROL_PLANE_URL, CONTROL_PLANE_CA,
+	// TOKEN_PATH), instead of a file and IDENTITY.
+	ControlPlaneURL string
+	ControlPlaneCA  string
+	TokenPath       string
+
+	// The gateway's ServiceAccount tokens (TOKEN_AUTH auto|on|off; KUBE_API_URL, KUBE_TOKEN_PATH,
+	// KUBE_CA_PATH default to the in-cluster values; TOKEN_AUDIENCE).
+	TokenAuth       string
+	KubeAPIURL      string
+	KubeTokenPath   string
+	KubeCAPath      string
+	TokenAudience   string
+	TLSPorts        []uint16      // TLS_PORTS (443,8443)
+	HeaderTimeout   time.Duration // HEADER_TIMEOUT (10s)
+	MaxHeaderBytes  int           // MAX_HEADER_BYTES (32768)
+	PeekTimeout     time.Duration // PEEK_TIMEOUT (5s)
+	DialTimeout     time.Duration // DIAL_TIMEOUT (10s)
+	InternalCIDRs   []netip.Prefix
+	InternalDomains []string // INTERNAL_DOMAINS: exact names here may reach private addresses
 
 	// Sidecar mode.
 	TransparentPort    uint16        // TRANSPARENT_PORT (15001)
@@ -142,22 +156,11 @@ func Settings(c *Config, mode string) *settings.Set {
 	s.String(&c.PolicyPath, contract.EnvPolicyPath, "", "/etc/config/egress-policy.yaml", "policy file")
 	s.Func("WATCH_INTERVAL", "", "5", "policy poll interval: seconds, or a duration such as 500ms", func(v string) error {
 		// The original takes whole seconds; a Go duration is accepted too.
-		if n, err := strconv.Atoi(v); err == nil && n > 0 {
-			c.WatchInterval = time.Duration(n) * time.Second
-			return nil
-		}
-		if d, err := time.ParseDuration(v); err == nil && d > 0 {
-			c.WatchInterval = d
-			return nil
-		}
-		return errors.New("want seconds (5) or a duration (500ms)")
+		d, err := settings.ParseSecondsOrDuration(v)
+		c.WatchInterval = d
+		return err
 	})
-	s.Func("LOG_LEVEL", "", "INFO", "DEBUG, INFO, WARN or ERROR", func(v string) error {
-		if err := c.LogLevel.UnmarshalText([]byte(v)); err != nil {
-			return errors.New("want DEBUG, INFO, WARN or ERROR")
-		}
-		return nil
-	})
+	s.LogLevel(&c.LogLevel, "LOG_LEVEL", "", "INFO")
 	s.Func("LISTEN_ADDR", "", "", "gateway: IP address to bind the proxy listener (and the admin listener unless ADMIN_ADDR is set) to; not allowed in sidecar mode", func(v string) error {
 		if _, err := netip.ParseAddr(v); err != nil {
 			return errors.New("want an IP address")
@@ -195,6 +198,14 @@ func Settings(c *Config, mode string) *settings.Set {
 		return nil
 	})
 	s.Duration(&c.KeepAliveTimeout, "KEEPALIVE_TIMEOUT", "", "30s", "how long a plain-HTTP client connection may wait idle between requests")
+	s.String(&c.ControlPlaneURL, contract.EnvControlPlane, "", "", "sidecar: the control plane's URL; the pod's identity and policy come from it")
+	s.String(&c.ControlPlaneCA, contract.EnvControlCA, "", contract.TokenDir+"/ca.crt", "sidecar: CA certificate of the control plane")
+	s.String(&c.TokenPath, contract.EnvTokenPath, "", contract.DefaultTokenPath, "sidecar: the pod's projected ServiceAccount token (re-read as the kubelet rotates it)")
+	s.OneOf(&c.TokenAuth, []string{"auto", "on", "off"}, "TOKEN_AUTH", "", "auto", "gateway: accept ServiceAccount tokens (Bearer, or Basic user \"token\"); auto: when an API server is known")
+	s.String(&c.KubeAPIURL, "KUBE_API_URL", "", "", "gateway: API server for TokenReviews; empty: in-cluster")
+	s.String(&c.KubeTokenPath, "KUBE_TOKEN_PATH", "", "", "gateway: its own credential for TokenReviews; empty: the mounted ServiceAccount token")
+	s.String(&c.KubeCAPath, "KUBE_CA_PATH", "", "", "gateway: the API server's CA; empty: the mounted ServiceAccount CA")
+	s.String(&c.TokenAudience, "TOKEN_AUDIENCE", "", contract.TokenAudience, "audience ServiceAccount tokens must carry")
 	s.Func("ECH", "", "allow", "allow (logged) or deny: ClientHellos with encrypted_client_hello, unless the matched rule says ech: allow", func(v string) error {
 		switch v {
 		case "allow", "deny":
@@ -230,8 +241,15 @@ func FromEnv(getenv func(string) string) (Config, error) {
 	if err := Settings(&c, mode).Load("egress-guard", nil, lower); err != nil {
 		return Config{}, fmt.Errorf("configuration: %w", err)
 	}
-	if c.Mode == ModeSidecar && c.Identity == "" {
-		return Config{}, fmt.Errorf("configuration: %s: required in sidecar mode (the policy identity of this pod)", contract.EnvIdentity)
+	switch {
+	case c.Mode == ModeSidecar && c.ControlPlaneURL != "" && c.Identity != "":
+		// The identity is what the control plane answers for the pod's token; a variable
+		// the workload's own pod spec could set must not choose it.
+		return Config{}, fmt.Errorf("configuration: %s is refused with %s: the control plane decides the identity", contract.EnvIdentity, contract.EnvControlPlane)
+	case c.Mode == ModeSidecar && c.ControlPlaneURL == "" && c.Identity == "":
+		return Config{}, fmt.Errorf("configuration: sidecar mode needs %s (identity and policy from the control plane) or %s with a policy file", contract.EnvControlPlane, contract.EnvIdentity)
+	case c.Mode != ModeSidecar && c.ControlPlaneURL != "":
+		return Config{}, fmt.Errorf("configuration: %s is for sidecar mode", contract.EnvControlPlane)
 	}
 	if c.Mode == ModeSidecar && c.ListenAddr != "" {
 		// The sidecar's explicit listener needs no credentials (it uses the pod's identity),

@@ -17,7 +17,6 @@ import (
 	"github.com/egress-guard/egress-guard/pkg/addrclass"
 	"github.com/egress-guard/egress-guard/pkg/dialer"
 	"github.com/egress-guard/egress-guard/pkg/metrics"
-	"github.com/egress-guard/egress-guard/pkg/policy"
 	"github.com/egress-guard/egress-guard/sidecar/proxy"
 	"github.com/egress-guard/egress-guard/sidecar/tunnel"
 	"golang.org/x/net/netutil"
@@ -35,12 +34,14 @@ func Run(ctx context.Context, cfg Config, out io.Writer) error {
 	log := slog.New(slog.NewJSONHandler(logOut, &slog.HandlerOptions{Level: cfg.LogLevel}))
 	m := metrics.New()
 
-	watcher := policy.NewWatcher(cfg.PolicyPath, cfg.WatchInterval,
-		policy.Options{InternalDomains: cfg.InternalDomains},
-		func(p *policy.Policy, err error) { reportPolicy(log, m, p, err) })
-	// A bad or missing policy at start is not fatal: the proxy stays not ready and denies
-	// everything, and picks the file up as soon as it is fixed, without a restart backoff.
-	_ = watcher.Load()
+	source, identity, err := policySource(cfg, log, m)
+	if err != nil {
+		return err
+	}
+	tokens, err := tokenReviews(cfg, log)
+	if err != nil {
+		return err
+	}
 
 	self, err := ownAddrs()
 	if err != nil {
@@ -64,7 +65,7 @@ func Run(ctx context.Context, cfg Config, out io.Writer) error {
 		tlsPorts[p] = true
 	}
 	srv, err := proxy.New(proxy.Config{
-		Policy:             watcher.Current,
+		Policy:             source.Current,
 		Classifier:         classifier,
 		Resolver:           dialer.NewResolver(cfg.Resolver),
 		Dialer:             &net.Dialer{KeepAlive: 30 * time.Second},
@@ -73,7 +74,8 @@ func Run(ctx context.Context, cfg Config, out io.Writer) error {
 		Metrics:            m,
 		Log:                log,
 		TLSPorts:           tlsPorts,
-		Identity:           identityFor(cfg),
+		Identity:           identity,
+		Tokens:             tokens,
 		ServerFirstTimeout: cfg.ServerFirstTimeout,
 		HeaderTimeout:      cfg.HeaderTimeout,
 		MaxHeaderBytes:     cfg.MaxHeaderBytes,
@@ -112,10 +114,10 @@ func Run(ctx context.Context, cfg Config, out io.Writer) error {
 	}
 
 	var draining atomic.Bool
-	admin := adminServer(cfg, adminMux(m, func() bool { return watcher.Current() != nil && !draining.Load() }))
+	admin := adminServer(cfg, adminMux(m, func() bool { return source.Current() != nil && !draining.Load() }, source.Status))
 	bg, stopBG := context.WithCancel(context.Background())
 	defer stopBG()
-	go watcher.Run(bg)
+	go source.Run(bg)
 	go tracker.Run(bg)
 	go func() {
 		if err := admin.Serve(adminLn); err != nil && !errors.Is(err, http.ErrServerClosed) {
@@ -133,7 +135,7 @@ func Run(ctx context.Context, cfg Config, out io.Writer) error {
 	go refreshOwnAddrs(bg, classifier, log, 5*time.Second)
 	log.Info("egress-guard started", "mode", cfg.Mode, "identity", cfg.Identity, "proxy", listenerAddrs(proxyLns),
 		"transparent", listenerAddrs(transparentLns), "metrics", adminLn.Addr().String(),
-		"policy", cfg.PolicyPath, "policy_loaded", watcher.Current() != nil)
+		"policy", source.Describe(), "policy_loaded", source.Current() != nil, "token_auth", tokens != nil)
 
 	select {
 	case <-ctx.Done():
@@ -155,33 +157,26 @@ func Run(ctx context.Context, cfg Config, out io.Writer) error {
 	return admin.Shutdown(shutdownCtx)
 }
 
-func reportPolicy(log *slog.Logger, m *metrics.Metrics, p *policy.Policy, err error) {
-	if err != nil {
-		m.PolicyLoadFailed()
-		log.Error("policy rejected; keeping the last good policy", "err", err.Error())
-		return
-	}
-	counts := make(map[string]int)
-	for _, id := range p.Identities() {
-		counts[id.Name] = len(id.Rules)
-	}
-	m.PolicyLoaded(p.Hash, counts)
-	log.Info("policy loaded", "path", p.Source, "hash", p.Hash, "identities", len(counts))
-}
-
 // adminMux serves /health (the process is up), /ready (a policy is loaded and the proxy is not
 // draining) and /metrics.
-func adminMux(m *metrics.Metrics, ready func() bool) *http.ServeMux {
+//
+// A control-plane outage after the first policy does not make the pod unready (its last good
+// policy is enforced); it shows in the body of /ready.
+func adminMux(m *metrics.Metrics, ready func() bool, status func() string) *http.ServeMux {
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /health", func(w http.ResponseWriter, _ *http.Request) {
 		io.WriteString(w, "ok\n")
 	})
 	mux.HandleFunc("GET /ready", func(w http.ResponseWriter, _ *http.Request) {
+		note := status()
+		if note != "" {
+			note = "\n" + note
+		}
 		if !ready() {
-			http.Error(w, "not ready", http.StatusServiceUnavailable)
+			http.Error(w, "not ready"+note, http.StatusServiceUnavailable)
 			return
 		}
-		io.WriteString(w, "ready\n")
+		io.WriteString(w, "ready"+note+"\n")
 	})
 	mux.Handle("GET /metrics", m.Handler())
 	return mux
@@ -224,13 +219,6 @@ func ownAddrs() ([]netip.Addr, error) {
 		}
 	}
 	return out, nil
-}
-
-func identityFor(cfg Config) string {
-	if cfg.Mode == ModeSidecar {
-		return cfg.Identity
-	}
-	return ""
 }
 
 // listenConfig is the ListenConfig of the proxy's listeners (explicit and transparent): plain

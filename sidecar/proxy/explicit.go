@@ -3,6 +3,7 @@ package proxy
 import (
 	"bufio"
 	"bytes"
+	"context"
 	"encoding/base64"
 	"io"
 	"math"
@@ -15,6 +16,7 @@ import (
 	"github.com/egress-guard/egress-guard/pkg/outcome"
 	"github.com/egress-guard/egress-guard/pkg/peek"
 	"github.com/egress-guard/egress-guard/pkg/policy"
+	"github.com/egress-guard/egress-guard/pkg/tokenreview"
 )
 
 // serveExplicit runs one connection of the explicit listener: bounded request head, target,
@@ -87,10 +89,11 @@ func (s *Server) serveRequest(ss *session, br *bufio.Reader, req *http.Request) 
 		ss.refuse(decision.Refuse(outcome.NoPolicy), "")
 		return false
 	}
-	id, key, reason := s.identify(pol, req.Header.Get("Proxy-Authorization"))
-	ss.apiKey = key
+	id, cred, reason := s.identify(req.Context(), pol, req.Header.Get("Proxy-Authorization"))
+	ss.cred = cred
 	if id == nil {
-		if reason == outcome.UnknownAPIKey {
+		switch reason {
+		case outcome.UnknownAPIKey, outcome.InvalidToken, outcome.UnknownServiceAccount:
 			ss.rec.Identity = "unknown"
 		}
 		ss.refuse(decision.Refuse(reason), "")
@@ -208,41 +211,92 @@ func sniVerdict(hello *peek.ClientHello, err error, host string) outcome.Reason 
 	return 0
 }
 
-// identify returns the sidecar's own identity, or authenticates the request (with the API
-// key it used, kept only in memory to re-check tunnels when the policy changes).
-func (s *Server) identify(pol *policy.Policy, header string) (*policy.Identity, string, outcome.Reason) {
-	if s.cfg.Identity == "" {
-		return authenticate(pol, header)
+// identify returns the sidecar's own identity, or authenticates the request. The credential
+// it used stays in the session's memory (never logged) so that a tunnel can be re-checked
+// when the policy changes.
+func (s *Server) identify(ctx context.Context, pol *policy.Policy, header string) (*policy.Identity, credential, outcome.Reason) {
+	if s.cfg.Identity != nil {
+		if id := s.cfg.Identity(pol); id != nil {
+			return id, credential{}, 0
+		}
+		return nil, credential{}, outcome.UnknownIdentity
 	}
-	if id := pol.Identity(s.cfg.Identity); id != nil {
-		return id, "", 0
+	cred, reason := s.credentialFrom(ctx, header)
+	if reason != 0 {
+		return nil, cred, reason
 	}
-	return nil, "", outcome.UnknownIdentity
+	if id := cred.identity(pol); id != nil {
+		return id, cred, 0
+	}
+	if cred.apiKey != "" {
+		return nil, credential{}, outcome.UnknownAPIKey
+	}
+	return nil, credential{}, outcome.UnknownServiceAccount
 }
 
-// authenticate resolves Proxy-Authorization to an identity. The API key is the Basic user
-// name (the password is ignored, as in the original egress-guard). It never appears in logs
-// or errors.
-func authenticate(pol *policy.Policy, header string) (*policy.Identity, string, outcome.Reason) {
-	if header == "" {
-		return nil, "", outcome.NoCredentials
+// credential is what a client proved: an API key, or a ServiceAccount through its token.
+type credential struct {
+	apiKey            string
+	namespace, saName string
+}
+
+// identity is the identity the credential selects in pol, or nil.
+func (c credential) identity(pol *policy.Policy) *policy.Identity {
+	switch {
+	case c.apiKey != "":
+		return pol.IdentityByAPIKey(c.apiKey)
+	case c.saName != "":
+		return pol.IdentityForServiceAccount(c.namespace, c.saName)
 	}
-	scheme, cred, ok := strings.Cut(header, " ")
-	if !ok || !strings.EqualFold(scheme, "Basic") {
-		return nil, "", outcome.NoCredentials
+	return nil
+}
+
+// TokenUser is the Basic user name that says "the password is a ServiceAccount token", for
+// clients that can only put credentials in HTTPS_PROXY=http://user:password@host:port.
+const TokenUser = "token"
+
+// credentialFrom reads Proxy-Authorization: Basic with an API key as the user name (the
+// password is ignored, as in the original egress-guard), Bearer with a ServiceAccount token,
+// or Basic with the user name "token" and a ServiceAccount token as the password. Tokens are
+// verified with a (cached) TokenReview. Credentials never appear in logs or errors.
+func (s *Server) credentialFrom(ctx context.Context, header string) (credential, outcome.Reason) {
+	scheme, value, ok := strings.Cut(header, " ")
+	if header == "" || !ok {
+		return credential{}, outcome.NoCredentials
 	}
-	raw, err := base64.StdEncoding.DecodeString(strings.TrimSpace(cred))
-	if err != nil {
-		return nil, "", outcome.NoCredentials
+	value = strings.TrimSpace(value)
+	var token string
+	switch {
+	case strings.EqualFold(scheme, "Bearer"):
+		token = value
+	case strings.EqualFold(scheme, "Basic"):
+		raw, err := base64.StdEncoding.DecodeString(value)
+		if err != nil {
+			return credential{}, outcome.NoCredentials
+		}
+		user, pass, _ := strings.Cut(string(raw), ":")
+		if user == TokenUser && strings.Count(pass, ".") == 2 {
+			token = pass
+			break
+		}
+		if user == "" {
+			return credential{}, outcome.NoCredentials
+		}
+		return credential{apiKey: user}, 0
+	default:
+		return credential{}, outcome.NoCredentials
 	}
-	key, _, _ := strings.Cut(string(raw), ":")
-	if key == "" {
-		return nil, "", outcome.NoCredentials
+	if s.cfg.Tokens == nil || token == "" {
+		return credential{}, outcome.NoCredentials // token authentication is not configured
 	}
-	if id := pol.IdentityByAPIKey(key); id != nil {
-		return id, key, 0
+	res := s.cfg.Tokens.Authenticate(ctx, token)
+	switch {
+	case res.OK():
+		return credential{namespace: res.Namespace, saName: res.ServiceAccount}, 0
+	case res.Failure == tokenreview.FailureUnavailable:
+		return credential{}, outcome.AuthUnavailable
 	}
-	return nil, "", outcome.UnknownAPIKey
+	return credential{}, outcome.InvalidToken
 }
 
 // shortErr keeps client-controlled text out of responses beyond a short, sanitized prefix.

@@ -3,12 +3,14 @@ package proxy
 import (
 	"bufio"
 	"bytes"
+	"context"
 	"net/http"
 	"net/netip"
 	"testing"
 
 	"github.com/egress-guard/egress-guard/pkg/hostname"
 	"github.com/egress-guard/egress-guard/pkg/policy"
+	"github.com/egress-guard/egress-guard/pkg/tokenreview"
 )
 
 // FuzzRequestPath runs untrusted request heads through what the explicit listener does
@@ -27,12 +29,16 @@ func FuzzRequestPath(f *testing.F) {
 	f.Add([]byte("GET http://[fe80::1%25eth0]/ HTTP/1.1\r\nHost: x\r\n\r\n"))
 	f.Add([]byte("GET http://user@api.example.com:0/ HTTP/1.0\r\n\r\n"))
 	f.Add([]byte("CONNECT api.example.com.:65536 HTTP/1.1\r\nProxy-Authorization: Bearer x\r\n\r\n"))
+	f.Add([]byte("CONNECT api.example.com:443 HTTP/1.1\r\nProxy-Authorization: Bearer eyJhbGciOiJSUzI1NiJ9.eyJleHAiOjF9.c2ln\r\n\r\n"))
+	f.Add([]byte("CONNECT api.example.com:443 HTTP/1.1\r\nProxy-Authorization: Basic dG9rZW46YS5iLmM=\r\n\r\n"))
+	f.Add([]byte("CONNECT api.example.com:443 HTTP/1.1\r\nProxy-Authorization: basic  Og==\r\n\r\n"))
+	srv := &Server{cfg: Config{Tokens: &tokenreview.Cache{Reviewer: refusingReviewer{}}}}
 	f.Fuzz(func(t *testing.T, data []byte) {
 		req, err := http.ReadRequest(bufio.NewReader(bytes.NewReader(data)))
 		if err != nil {
 			return
 		}
-		authenticate(pol, req.Header.Get("Proxy-Authorization"))
+		srv.identify(context.Background(), pol, req.Header.Get("Proxy-Authorization"))
 		tgt, err := requestTarget(req)
 		if err != nil {
 			return
@@ -56,4 +62,11 @@ func FuzzRequestPath(f *testing.F) {
 			t.Fatalf("IP literal %q treated as a name", tgt.Host)
 		}
 	})
+}
+
+// refusingReviewer authenticates no token, without any network.
+type refusingReviewer struct{}
+
+func (refusingReviewer) Review(context.Context, string, []string) (bool, string, error) {
+	return false, "", nil
 }

@@ -138,7 +138,7 @@ func TestNewFillsDefaultsAndRejectsMissingParts(t *testing.T) {
 func TestTransparentRefusedAtAcceptIsResetAndLogged(t *testing.T) {
 	f := startWith(t, loopPolicy, func(c *Config) {
 		c.Tracker = tunnel.NewTracker(tunnel.Config{MaxPending: 1})
-		c.Identity = "loop"
+		c.Identity = IdentityNamed("loop")
 	})
 	// One silent explicit client holds the only undecided slot.
 	hold, err := net.Dial("tcp", f.addr)

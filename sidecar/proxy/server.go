@@ -36,6 +36,7 @@ import (
 	"github.com/egress-guard/egress-guard/pkg/metrics"
 	"github.com/egress-guard/egress-guard/pkg/outcome"
 	"github.com/egress-guard/egress-guard/pkg/policy"
+	"github.com/egress-guard/egress-guard/pkg/tokenreview"
 	"github.com/egress-guard/egress-guard/sidecar/tunnel"
 )
 
@@ -62,9 +63,14 @@ type Config struct {
 	Metrics    *metrics.Metrics
 	Log        *slog.Logger // operational messages (not per-connection lines); nil discards
 
-	// Identity, when set, is the identity of every connection (the sidecar serves one pod) and
-	// Proxy-Authorization is not required on the explicit listener.
-	Identity string
+	// Identity, when set, picks the identity of every connection from the active policy (the
+	// sidecar serves one pod: by name from a policy file, or the one identity the control
+	// plane served), and Proxy-Authorization is not required on the explicit listener. Nil for
+	// the gateway, whose clients authenticate.
+	Identity func(*policy.Policy) *policy.Identity
+	// Tokens, when set, verifies ServiceAccount tokens (Bearer, or Basic with the user name
+	// "token") on the explicit listener; nil accepts API keys only.
+	Tokens *tokenreview.Cache
 	// ServerFirstTimeout is how long the transparent listener waits for the client's first
 	// bytes before deciding on the original address alone (SMTP, MySQL and SSH clients wait for
 	// the server to speak first).
@@ -84,6 +90,19 @@ type Config struct {
 	MaxHeaderBytes   int           // bound on the request head
 	PeekTimeout      time.Duration // time allowed for the ClientHello or request head once bytes flow
 	DialTimeout      time.Duration // resolving the name; then, separately, connecting
+}
+
+// IdentityNamed picks a sidecar's identity by name (policy file mode).
+func IdentityNamed(name string) func(*policy.Policy) *policy.Identity {
+	return func(p *policy.Policy) *policy.Identity { return p.Identity(name) }
+}
+
+// SoleIdentity picks the one identity of a policy the control plane served to this pod.
+func SoleIdentity(p *policy.Policy) *policy.Identity {
+	if ids := p.Identities(); len(ids) == 1 {
+		return ids[0]
+	}
+	return nil
 }
 
 // Server serves the explicit and transparent listeners.
@@ -268,7 +287,7 @@ func (s *Server) decide(id *policy.Identity, t decision.Target, known *decision.
 // captured connections that name no host): it resolves them at once when the policy changes
 // and again every interval.
 func (s *Server) RunKnownAddrs(ctx context.Context, interval time.Duration) {
-	if s.cfg.Identity == "" {
+	if s.cfg.Identity == nil {
 		return
 	}
 	check := time.NewTicker(time.Second)
@@ -278,7 +297,7 @@ func (s *Server) RunKnownAddrs(ctx context.Context, interval time.Duration) {
 		pol := s.cfg.Policy()
 		cur := s.known.Load()
 		if pol != nil && (cur == nil || cur.Policy != pol || time.Since(last) >= interval) {
-			k, failed := decision.ResolveKnown(ctx, s.cfg.Resolver, pol, pol.Identity(s.cfg.Identity), s.cfg.DialTimeout)
+			k, failed := decision.ResolveKnown(ctx, s.cfg.Resolver, pol, s.cfg.Identity(pol), s.cfg.DialTimeout)
 			if failed > 0 {
 				s.cfg.Log.Debug("some exact-name rules did not resolve; retrying next round", "failed", failed)
 			}

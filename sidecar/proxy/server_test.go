@@ -155,7 +155,7 @@ func basic(key string) string {
 }
 
 // rawRequest sends text and returns the response status code and the connection's reader.
-func rawRequest(t *testing.T, addr, text string) (int, *bufio.Reader, net.Conn) {
+func rawRequest(t testing.TB, addr, text string) (int, *bufio.Reader, net.Conn) {
 	t.Helper()
 	c, err := net.Dial("tcp", addr)
 	if err != nil {
@@ -190,7 +190,7 @@ func connectReq(target, auth string) string {
 }
 
 // echoServer counts accepted connections and echoes.
-func echoServer(t *testing.T) (port string, accepted *atomic.Int64) {
+func echoServer(t testing.TB) (port string, accepted *atomic.Int64) {
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)

@@ -50,9 +50,9 @@ type session struct {
 	kind listenerKind
 	rec  accesslog.Record
 
-	// apiKey is the credential the explicit client authenticated with (never logged): a
-	// tunnel is re-checked against it when the policy changes.
-	apiKey string
+	// cred is what the explicit client authenticated with (never logged): a tunnel is
+	// re-checked against it when the policy changes.
+	cred credential
 
 	// httpAnswer is true while an HTTP status can still be written to the client: on the
 	// explicit listener until "200 Connection established" has gone out.
@@ -149,17 +149,17 @@ func (ss *session) admit() bool {
 // the new policy still allow this identity (for the explicit listener, this credential) to
 // reach this target at this upstream address? Only immutable copies are captured.
 func (ss *session) watchPolicy(t decision.Target) {
-	s, identity, key, upstream := ss.srv, ss.rec.Identity, ss.apiKey, ss.rec.Upstream
+	s, identity, cred, upstream := ss.srv, ss.rec.Identity, ss.cred, ss.rec.Upstream
 	ss.tc.SetStillAllowed(func() bool {
 		pol := s.cfg.Policy()
 		if pol == nil {
 			return true // no policy is not a new policy: keep the last decision
 		}
 		var id *policy.Identity
-		if s.cfg.Identity != "" {
-			id = pol.Identity(s.cfg.Identity)
+		if s.cfg.Identity != nil {
+			id = s.cfg.Identity(pol)
 		} else {
-			id = pol.IdentityByAPIKey(key)
+			id = cred.identity(pol)
 		}
 		if id == nil || id.Name != identity {
 			return false
@@ -285,13 +285,13 @@ func (ss *session) reset() { ss.conn.SetLinger(0) }
 // httpStatus is the explicit listener's answer to a refusal.
 func httpStatus(r outcome.Reason) int {
 	switch r {
-	case outcome.NoCredentials, outcome.UnknownAPIKey:
+	case outcome.NoCredentials, outcome.UnknownAPIKey, outcome.InvalidToken, outcome.UnknownServiceAccount:
 		return http.StatusProxyAuthRequired
 	case outcome.MalformedRequest:
 		return http.StatusBadRequest
 	case outcome.HeaderTooLarge:
 		return http.StatusRequestHeaderFieldsTooLarge
-	case outcome.NoPolicy, outcome.TunnelLimit, outcome.Draining, outcome.PendingLimit, outcome.ClientLimit, outcome.IdentityLimit:
+	case outcome.NoPolicy, outcome.TunnelLimit, outcome.Draining, outcome.PendingLimit, outcome.ClientLimit, outcome.IdentityLimit, outcome.AuthUnavailable:
 		return http.StatusServiceUnavailable
 	case outcome.NoSuchHost, outcome.ResolveFailed:
 		return http.StatusBadGateway
@@ -302,8 +302,10 @@ func httpStatus(r outcome.Reason) int {
 // refusalText is the one wording of each refusal, on every listener and in every answer.
 func refusalText(r outcome.Reason) string {
 	switch r {
-	case outcome.NoCredentials, outcome.UnknownAPIKey:
+	case outcome.NoCredentials, outcome.UnknownAPIKey, outcome.InvalidToken, outcome.UnknownServiceAccount:
 		return "proxy authentication required"
+	case outcome.AuthUnavailable:
+		return "credentials cannot be verified now"
 	case outcome.UnknownIdentity:
 		return "this identity is not in the policy"
 	case outcome.InternalAddress:

@@ -46,7 +46,10 @@ func (s *Server) serveTransparent(ss *session) {
 		ss.refuse(decision.Refuse(outcome.NoPolicy), "")
 		return
 	}
-	id := pol.Identity(s.cfg.Identity)
+	var id *policy.Identity
+	if s.cfg.Identity != nil {
+		id = s.cfg.Identity(pol)
+	}
 	if id == nil {
 		ss.refuse(decision.Refuse(outcome.UnknownIdentity), "")
 		return

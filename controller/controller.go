@@ -1,0 +1,220 @@
+// Package controller is egress-guard's Kubernetes control plane, the third deployable beside
+// the proxy (sidecar/) and the capture installer (init-container/): one program that loads
+// and watches the policy file exactly as the gateway does and serves each sidecar its own
+// identity's policy (policyserver), authenticating sidecars by their projected
+// ServiceAccount tokens with cached TokenReviews. The admission webhook joins it next.
+//
+// Kubernetes client libraries live here and only here: the proxy and init binaries never
+// link them (internal/buildcheck).
+package controller
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+	authnv1 "k8s.io/api/authentication/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/rest"
+	"k8s.io/client-go/tools/clientcmd"
+
+	"github.com/egress-guard/egress-guard/controller/certreload"
+	"github.com/egress-guard/egress-guard/controller/policyserver"
+	"github.com/egress-guard/egress-guard/pkg/accesslog"
+	"github.com/egress-guard/egress-guard/pkg/metrics"
+	"github.com/egress-guard/egress-guard/pkg/policy"
+	"github.com/egress-guard/egress-guard/pkg/settings"
+	"github.com/egress-guard/egress-guard/pkg/tokenreview"
+)
+
+// Config is the control plane's configuration.
+type Config struct {
+	ListenAddr      string        // LISTEN_ADDR: IP for both listeners ("" = all)
+	Port            uint16        // PORT (8443): HTTPS, the sidecars' policy endpoint
+	MetricsPort     uint16        // METRICS_PORT (9090): /health, /ready, /metrics
+	CertFile        string        // TLS_CERT_FILE
+	KeyFile         string        // TLS_KEY_FILE
+	PolicyPath      string        // CONFIGMAP_PATH
+	WatchInterval   time.Duration // WATCH_INTERVAL
+	InternalDomains []string      // INTERNAL_DOMAINS
+	Audience        string        // TOKEN_AUDIENCE (egress-guard)
+	Kubeconfig      string        // KUBECONFIG ("" = in-cluster)
+	MaxWait         time.Duration // MAX_WAIT (60s): longest policy long-poll
+	LogLevel        slog.Level    // LOG_LEVEL
+}
+
+// Settings declares the control plane's settings (environment variables, also flags).
+func Settings(c *Config) *settings.Set {
+	var s settings.Set
+	s.Func("LISTEN_ADDR", "listen-addr", "", "IP address to bind both listeners to", func(v string) error {
+		if net.ParseIP(v) == nil {
+			return errors.New("want an IP address")
+		}
+		c.ListenAddr = v
+		return nil
+	})
+	s.Port(&c.Port, "PORT", "port", "8443", "HTTPS port of the sidecars' policy endpoint")
+	s.Port(&c.MetricsPort, "METRICS_PORT", "metrics-port", "9090", "/health, /ready and /metrics port")
+	s.String(&c.CertFile, "TLS_CERT_FILE", "tls-cert-file", "/etc/egress-guard/tls/tls.crt", "serving certificate (reloaded when it changes)")
+	s.String(&c.KeyFile, "TLS_KEY_FILE", "tls-key-file", "/etc/egress-guard/tls/tls.key", "serving key")
+	s.String(&c.PolicyPath, "CONFIGMAP_PATH", "policy", "/etc/config/egress-policy.yaml", "policy file")
+	s.Func("WATCH_INTERVAL", "watch-interval", "5", "policy poll interval: seconds, or a duration such as 500ms", func(v string) error {
+		d, err := settings.ParseSecondsOrDuration(v)
+		c.WatchInterval = d
+		return err
+	})
+	s.Func("INTERNAL_DOMAINS", "internal-domains", strings.Join(policy.DefaultInternalDomains, ","), "private-use DNS suffixes whose exact names may reach private addresses; none for no suffix", func(v string) error {
+		c.InternalDomains = nil
+		if v != "none" {
+			c.InternalDomains = settings.SplitList(v)
+		}
+		return nil
+	})
+	s.String(&c.Audience, "TOKEN_AUDIENCE", "token-audience", tokenreview.DefaultAudience, "audience the sidecars' projected tokens must carry")
+	s.String(&c.Kubeconfig, "KUBECONFIG", "kubeconfig", "", "kubeconfig file; empty: the in-cluster ServiceAccount")
+	s.Duration(&c.MaxWait, "MAX_WAIT", "max-wait", "60s", "longest a sidecar's policy request is held open")
+	s.LogLevel(&c.LogLevel, "LOG_LEVEL", "log-level", "INFO")
+	return &s
+}
+
+// kubeReviewer asks the API server with client-go. RBAC: tokenreviews create.
+type kubeReviewer struct{ client kubernetes.Interface }
+
+func (k kubeReviewer) Review(ctx context.Context, token string, audiences []string) (bool, string, error) {
+	tr, err := k.client.AuthenticationV1().TokenReviews().Create(ctx, &authnv1.TokenReview{
+		Spec: authnv1.TokenReviewSpec{Token: token, Audiences: audiences},
+	}, metav1.CreateOptions{})
+	if err != nil {
+		return false, "", fmt.Errorf("token review: %w", err)
+	}
+	return tr.Status.Authenticated, tr.Status.User.Username, nil
+}
+
+// restConfig is the API server access: a kubeconfig file, or the pod's own ServiceAccount.
+func restConfig(kubeconfig string) (*rest.Config, error) {
+	if kubeconfig != "" {
+		return clientcmd.BuildConfigFromFlags("", kubeconfig)
+	}
+	c, err := rest.InClusterConfig()
+	if err != nil {
+		return nil, fmt.Errorf("no KUBECONFIG and not in a cluster: %w", err)
+	}
+	return c, nil
+}
+
+// Run serves until ctx ends.
+func Run(ctx context.Context, cfg Config, out io.Writer) error {
+	logOut := accesslog.NewBufferedWriter(out, 16<<10, 100*time.Millisecond)
+	defer logOut.Close()
+	log := slog.New(slog.NewJSONHandler(logOut, &slog.HandlerOptions{Level: cfg.LogLevel}))
+
+	rc, err := restConfig(cfg.Kubeconfig)
+	if err != nil {
+		return err
+	}
+	client, err := kubernetes.NewForConfig(rc)
+	if err != nil {
+		return fmt.Errorf("kubernetes client: %w", err)
+	}
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	pm := metrics.NewPolicy(reg)
+	cache := &tokenreview.Cache{Reviewer: kubeReviewer{client}, Audiences: []string{cfg.Audience}}
+	ps := &policyserver.Server{Auth: cache, MaxWait: cfg.MaxWait, Metrics: policyserver.NewMetrics(reg, cache), Log: log}
+
+	watcher := policy.NewWatcher(cfg.PolicyPath, cfg.WatchInterval, policy.Options{InternalDomains: cfg.InternalDomains},
+		func(p *policy.Policy, err error) {
+			pm.Observe(log, p, err)
+			if err == nil {
+				ps.SetPolicy(p)
+			}
+		})
+	// A missing or bad policy at start is not fatal: sidecars are answered 503 (they keep
+	// their last good policy) until the file is fixed.
+	_ = watcher.Load()
+
+	certs, err := certreload.New(cfg.CertFile, cfg.KeyFile)
+	if err != nil {
+		return err
+	}
+	certs.OnError = func(err error) {
+		log.Warn("serving certificate not reloaded; keeping the last good one", "err", err.Error())
+	}
+
+	mux := http.NewServeMux()
+	mux.Handle(policyserver.Path, ps)
+	api := &http.Server{
+		Addr:              net.JoinHostPort(cfg.ListenAddr, strconv.Itoa(int(cfg.Port))),
+		Handler:           mux,
+		TLSConfig:         &tls.Config{GetCertificate: certs.GetCertificate, MinVersion: tls.VersionTLS12},
+		ReadHeaderTimeout: 10 * time.Second,
+		IdleTimeout:       2 * time.Minute,
+		MaxHeaderBytes:    16 << 10,
+		ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelWarn),
+	}
+	admin := &http.Server{
+		Addr:              net.JoinHostPort(cfg.ListenAddr, strconv.Itoa(int(cfg.MetricsPort))),
+		Handler:           adminMux(reg, ps.Ready),
+		ReadHeaderTimeout: 5 * time.Second,
+		ReadTimeout:       10 * time.Second,
+		WriteTimeout:      30 * time.Second,
+		IdleTimeout:       time.Minute,
+	}
+	apiLn, err := net.Listen("tcp", api.Addr)
+	if err != nil {
+		return fmt.Errorf("policy listener: %w", err)
+	}
+	adminLn, err := net.Listen("tcp", admin.Addr)
+	if err != nil {
+		apiLn.Close()
+		return fmt.Errorf("metrics listener: %w", err)
+	}
+	bg, stop := context.WithCancel(context.Background())
+	defer stop()
+	go watcher.Run(bg)
+	errc := make(chan error, 2)
+	go func() { errc <- api.ServeTLS(apiLn, "", "") }()
+	go func() { errc <- admin.Serve(adminLn) }()
+	log.Info("egress-guard controller started", "policy_endpoint", apiLn.Addr().String(), "metrics", adminLn.Addr().String(),
+		"policy", cfg.PolicyPath, "policy_loaded", watcher.Current() != nil, "audience", cfg.Audience)
+
+	select {
+	case <-ctx.Done():
+	case err := <-errc:
+		return fmt.Errorf("server stopped: %w", err)
+	}
+	log.Info("shutting down")
+	sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	// Waiting sidecars are answered at once and reconnect to another replica.
+	ps.Stop()
+	api.Shutdown(sctx)
+	admin.Shutdown(sctx)
+	return nil
+}
+
+func adminMux(reg *prometheus.Registry, ready func() bool) *http.ServeMux {
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /health", func(w http.ResponseWriter, _ *http.Request) { io.WriteString(w, "ok\n") })
+	mux.HandleFunc("GET /ready", func(w http.ResponseWriter, _ *http.Request) {
+		if !ready() {
+			http.Error(w, "not ready: no policy loaded", http.StatusServiceUnavailable)
+			return
+		}
+		io.WriteString(w, "ready\n")
+	})
+	mux.Handle("GET /metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{Registry: reg}))
+	return mux
+}

@@ -1,0 +1,257 @@
+package policyserver
+
+import (
+	"context"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/testutil"
+
+	"github.com/egress-guard/egress-guard/pkg/policy"
+	"github.com/egress-guard/egress-guard/pkg/tokenreview"
+)
+
+// fakeAuth maps tokens to ServiceAccounts.
+type fakeAuth map[string]tokenreview.Result
+
+func (f fakeAuth) Authenticate(_ context.Context, token string) tokenreview.Result {
+	if r, ok := f[token]; ok {
+		return r
+	}
+	return tokenreview.Result{Failure: tokenreview.FailureInvalid}
+}
+
+var auth = fakeAuth{
+	"shop-token":  {Namespace: "shop", ServiceAccount: "frontend"},
+	"other-token": {Namespace: "other", ServiceAccount: "x"},
+	"down-token":  {Failure: tokenreview.FailureUnavailable},
+}
+
+func parse(t testing.TB, y string) *policy.Policy {
+	t.Helper()
+	p, err := policy.Parse("p.yaml", []byte(y), policy.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+const v1 = `
+identities:
+  shop:
+    api_keys: ["shop-secret-key"]
+    service_accounts: ["shop/*"]
+    allowed_destinations: ["api.example.com"]
+  billing:
+    service_accounts: ["billing/*"]
+    allowed_destinations: ["payments.example.com"]
+`
+
+func newServer(t testing.TB) (*Server, *httptest.Server) {
+	s := &Server{Auth: auth, Metrics: NewMetrics(prometheus.NewRegistry(), nil)}
+	hs := httptest.NewServer(s)
+	t.Cleanup(hs.Close)
+	return s, hs
+}
+
+func get(t testing.TB, url, token, etag string) (*http.Response, string) {
+	t.Helper()
+	req, _ := http.NewRequest("GET", url, nil)
+	if token != "" {
+		req.Header.Set("Authorization", "Bearer "+token)
+	}
+	if etag != "" {
+		req.Header.Set("If-None-Match", etag)
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	return resp, string(b)
+}
+
+func TestServesOnlyTheIdentitysOwnRules(t *testing.T) {
+	s, hs := newServer(t)
+	resp, _ := get(t, hs.URL+Path, "shop-token", "")
+	if resp.StatusCode != http.StatusServiceUnavailable {
+		t.Fatalf("before a policy: %d, want 503", resp.StatusCode)
+	}
+	s.SetPolicy(parse(t, v1))
+	resp, body := get(t, hs.URL+Path, "shop-token", "")
+	if resp.StatusCode != 200 || resp.Header.Get(IdentityHeader) != "shop" || resp.Header.Get("ETag") == "" {
+		t.Fatalf("%d %v %s", resp.StatusCode, resp.Header, body)
+	}
+	for _, leak := range []string{"shop-secret-key", "payments.example.com", "billing", "service_accounts"} {
+		if strings.Contains(body, leak) {
+			t.Fatalf("served document leaks %q: %s", leak, body)
+		}
+	}
+	if p, err := policy.Parse("served", []byte(body), policy.Options{}); err != nil || p.Identity("shop").MatchName("api.example.com", 443) == nil {
+		t.Fatalf("served document: %v", err)
+	}
+	// Current: 304 at once without wait.
+	resp2, _ := get(t, hs.URL+Path, "shop-token", resp.Header.Get("ETag"))
+	if resp2.StatusCode != http.StatusNotModified {
+		t.Fatalf("current sidecar: %d, want 304", resp2.StatusCode)
+	}
+	for _, c := range []struct {
+		token  string
+		code   int
+		reason string
+	}{
+		{"", 401, "missing_token"},
+		{"forged", 401, "invalid"},
+		{"other-token", 403, "unmapped_service_account"},
+		{"down-token", 503, "unavailable"},
+	} {
+		resp, body := get(t, hs.URL+Path, c.token, "")
+		if resp.StatusCode != c.code || !strings.Contains(body, "("+c.reason+")") {
+			t.Errorf("token %q: %d %q, want %d (%s)", c.token, resp.StatusCode, body, c.code, c.reason)
+		}
+	}
+	if n := testutil.ToFloat64(s.Metrics.AuthFailures.WithLabelValues("unmapped_service_account")); n != 1 {
+		t.Fatalf("auth failures{unmapped} = %v", n)
+	}
+}
+
+// A waiting sidecar is answered as soon as its identity's rules change, and only then.
+func TestLongPollReturnsOnChange(t *testing.T) {
+	s, hs := newServer(t)
+	s.SetPolicy(parse(t, v1))
+	first, _ := get(t, hs.URL+Path, "shop-token", "")
+	etag := first.Header.Get("ETag")
+
+	type answer struct {
+		code int
+		body string
+		at   time.Time
+	}
+	done := make(chan answer, 1)
+	go func() {
+		resp, body := get(t, hs.URL+Path+"?wait=10s", "shop-token", etag)
+		done <- answer{resp.StatusCode, body, time.Now()}
+	}()
+	waitFor(t, func() bool { return testutil.ToFloat64(s.Metrics.Waiting) == 1 })
+	// Another identity's change does not wake it with a new document.
+	s.SetPolicy(parse(t, strings.Replace(v1, "payments.example.com", "pay2.example.com", 1)))
+	select {
+	case a := <-done:
+		t.Fatalf("answered on another identity's change: %d", a.code)
+	case <-time.After(200 * time.Millisecond):
+	}
+	changed := time.Now()
+	s.SetPolicy(parse(t, strings.Replace(v1, `["api.example.com"]`, `["api.example.com", "new.example.com"]`, 1)))
+	select {
+	case a := <-done:
+		if a.code != 200 || !strings.Contains(a.body, "new.example.com") {
+			t.Fatalf("after the change: %d %s", a.code, a.body)
+		}
+		if d := a.at.Sub(changed); d > time.Second {
+			t.Fatalf("the change took %v to reach the sidecar", d)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("the waiting sidecar was not answered after its rules changed")
+	}
+	if testutil.ToFloat64(s.Metrics.Waiting) != 0 {
+		t.Fatal("waiting gauge not back to 0")
+	}
+	// No change within the wait: 304.
+	resp, _ := get(t, hs.URL+Path+"?wait=100ms", "shop-token", mustEtag(t, hs))
+	if resp.StatusCode != http.StatusNotModified {
+		t.Fatalf("wait without change: %d", resp.StatusCode)
+	}
+}
+
+func mustEtag(t *testing.T, hs *httptest.Server) string {
+	resp, _ := get(t, hs.URL+Path, "shop-token", "")
+	return resp.Header.Get("ETag")
+}
+
+func waitFor(t *testing.T, cond func() bool) {
+	t.Helper()
+	for i := 0; i < 200; i++ {
+		if cond() {
+			return
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	t.Fatal("condition not met")
+}
+
+// BenchmarkPolicyEditReaches10000Sidecars: 10,000 long-polls held on one server, one policy
+// edit, the time until every one of them has the new document.
+func BenchmarkPolicyEditReaches10000Sidecars(b *testing.B) {
+	const sidecars = 10000
+	s := &Server{Auth: auth, Metrics: NewMetrics(prometheus.NewRegistry(), nil), MaxWait: time.Minute}
+	s.SetPolicy(parse(b, v1))
+	etag := ""
+	{
+		rec := httptest.NewRecorder()
+		req := httptest.NewRequest("GET", Path, nil)
+		req.Header.Set("Authorization", "Bearer shop-token")
+		s.ServeHTTP(rec, req)
+		etag = rec.Header().Get("ETag")
+	}
+	for i := 0; i < b.N; i++ {
+		var wg sync.WaitGroup
+		for j := 0; j < sidecars; j++ {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				rec := httptest.NewRecorder()
+				req := httptest.NewRequest("GET", Path+"?wait=1m", nil)
+				req.Header.Set("Authorization", "Bearer shop-token")
+				req.Header.Set("If-None-Match", etag)
+				s.ServeHTTP(rec, req)
+				if rec.Code != 200 {
+					b.Errorf("status %d", rec.Code)
+				}
+			}()
+		}
+		for testutil.ToFloat64(s.Metrics.Waiting) < sidecars {
+			time.Sleep(time.Millisecond)
+		}
+		start := time.Now()
+		next := strings.Replace(v1, `["api.example.com"]`, `["api.example.com", "e`+string(rune('a'+i%26))+`.example.com"]`, 1)
+		b.StartTimer()
+		s.SetPolicy(parse(b, next))
+		wg.Wait()
+		b.StopTimer()
+		b.ReportMetric(float64(time.Since(start).Milliseconds()), "ms-to-all")
+		// The next round waits on the current document.
+		rec := httptest.NewRecorder()
+		req := httptest.NewRequest("GET", Path, nil)
+		req.Header.Set("Authorization", "Bearer shop-token")
+		s.ServeHTTP(rec, req)
+		etag = rec.Header().Get("ETag")
+	}
+}
+
+func TestStopAnswersWaitingSidecars(t *testing.T) {
+	s, hs := newServer(t)
+	s.SetPolicy(parse(t, v1))
+	etag := mustEtag(t, hs)
+	done := make(chan int, 1)
+	go func() {
+		resp, _ := get(t, hs.URL+Path+"?wait=30s", "shop-token", etag)
+		done <- resp.StatusCode
+	}()
+	waitFor(t, func() bool { return testutil.ToFloat64(s.Metrics.Waiting) == 1 })
+	s.Stop()
+	select {
+	case code := <-done:
+		if code != http.StatusServiceUnavailable {
+			t.Fatalf("status %d, want 503", code)
+		}
+	case <-time.After(2 * time.Second):
+		t.Fatal("a waiting sidecar was held through Stop")
+	}
+}
