@@ -70,7 +70,7 @@ func Settings(c *Config) *settings.Set {
 	s.String(&c.CertFile, "TLS_CERT_FILE", "tls-cert-file", "/etc/egress-guard/tls/tls.crt", "serving certificate (reloaded when it changes)")
 	s.String(&c.KeyFile, "TLS_KEY_FILE", "tls-key-file", "/etc/egress-guard/tls/tls.key", "serving key")
 	s.String(&c.PolicyPath, "CONFIGMAP_PATH", "policy", "/etc/config/egress-policy.yaml", "policy file")
-	s.Func("WATCH_INTERVAL", "watch-interval", "5", "policy poll interval: seconds, or a duration such as 500ms", func(v string) error {
+	s.Func("WATCH_INTERVAL", "watch-interval", "1", "policy poll interval: seconds, or a duration such as 500ms (an edit reaches the sidecars this soon, plus 250 ms)", func(v string) error {
 		d, err := settings.ParseSecondsOrDuration(v)
 		c.WatchInterval = d
 		return err
@@ -153,17 +153,9 @@ func Run(ctx context.Context, cfg Config, out io.Writer) error {
 		log.Warn("serving certificate not reloaded; keeping the last good one", "err", err.Error())
 	}
 
-	mux := http.NewServeMux()
-	mux.Handle(policyserver.Path, ps)
-	api := &http.Server{
-		Addr:              net.JoinHostPort(cfg.ListenAddr, strconv.Itoa(int(cfg.Port))),
-		Handler:           mux,
-		TLSConfig:         &tls.Config{GetCertificate: certs.GetCertificate, MinVersion: tls.VersionTLS12},
-		ReadHeaderTimeout: 10 * time.Second,
-		IdleTimeout:       2 * time.Minute,
-		MaxHeaderBytes:    16 << 10,
-		ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelWarn),
-	}
+	apiAddr := net.JoinHostPort(cfg.ListenAddr, strconv.Itoa(int(cfg.Port)))
+	tlsConfig := &tls.Config{GetCertificate: certs.GetCertificate, MinVersion: tls.VersionTLS12,
+		NextProtos: []string{"http/1.1"}}
 	admin := &http.Server{
 		Addr:              net.JoinHostPort(cfg.ListenAddr, strconv.Itoa(int(cfg.MetricsPort))),
 		Handler:           adminMux(reg, ps.Ready),
@@ -172,7 +164,7 @@ func Run(ctx context.Context, cfg Config, out io.Writer) error {
 		WriteTimeout:      30 * time.Second,
 		IdleTimeout:       time.Minute,
 	}
-	apiLn, err := net.Listen("tcp", api.Addr)
+	apiLn, err := net.Listen("tcp", apiAddr)
 	if err != nil {
 		return fmt.Errorf("policy listener: %w", err)
 	}
@@ -185,7 +177,7 @@ func Run(ctx context.Context, cfg Config, out io.Writer) error {
 	defer stop()
 	go watcher.Run(bg)
 	errc := make(chan error, 2)
-	go func() { errc <- api.ServeTLS(apiLn, "", "") }()
+	go func() { errc <- ps.Serve(tls.NewListener(apiLn, tlsConfig)) }()
 	go func() { errc <- admin.Serve(adminLn) }()
 	log.Info("egress-guard controller started", "policy_endpoint", apiLn.Addr().String(), "metrics", adminLn.Addr().String(),
 		"policy", cfg.PolicyPath, "policy_loaded", watcher.Current() != nil, "audience", cfg.Audience)
@@ -193,14 +185,16 @@ func Run(ctx context.Context, cfg Config, out io.Writer) error {
 	select {
 	case <-ctx.Done():
 	case err := <-errc:
+		apiLn.Close()
+		admin.Close()
 		return fmt.Errorf("server stopped: %w", err)
 	}
 	log.Info("shutting down")
 	sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	// Waiting sidecars are answered at once and reconnect to another replica.
+	apiLn.Close()
 	ps.Stop()
-	api.Shutdown(sctx)
 	admin.Shutdown(sctx)
 	return nil
 }

@@ -32,7 +32,7 @@ func TestSettingsDefaultsAndErrors(t *testing.T) {
 	if err := Settings(&c).Load("t", nil, func(string) string { return "" }); err != nil {
 		t.Fatal(err)
 	}
-	if c.Port != 8443 || c.MetricsPort != 9090 || c.Audience != "egress-guard" || c.WatchInterval.Seconds() != 5 || c.MaxWait.Seconds() != 60 {
+	if c.Port != 8443 || c.MetricsPort != 9090 || c.Audience != "egress-guard" || c.WatchInterval.Seconds() != 1 || c.MaxWait.Seconds() != 60 {
 		t.Fatalf("defaults %+v", c)
 	}
 	err := Settings(&c).Load("t", []string{"--port", "0"}, func(k string) string {

@@ -130,7 +130,7 @@ type controlPlaneProc struct {
 	proc                      *netlab.Process
 }
 
-func startControlPlane(t testing.TB, e *k8sEnv, ca *netlab.CA, caFile, hostIP string) *controlPlaneProc {
+func startControlPlane(t testing.TB, e *k8sEnv, ca *netlab.CA, caFile, hostIP string, extraEnv ...string) *controlPlaneProc {
 	t.Helper()
 	dir := t.TempDir()
 	cert, err := ca.Issue(hostIP)
@@ -150,6 +150,7 @@ func startControlPlane(t testing.TB, e *k8sEnv, ca *netlab.CA, caFile, hostIP st
 	cp.env = []string{"LISTEN_ADDR=" + hostIP, "PORT=19443", fmt.Sprintf("METRICS_PORT=%d", cp.metrics),
 		"TLS_CERT_FILE=" + certFile, "TLS_KEY_FILE=" + keyFile, "CONFIGMAP_PATH=" + cp.policy,
 		"WATCH_INTERVAL=200ms", "KUBECONFIG=" + e.kubeconfig, "MAX_WAIT=30s"}
+	cp.env = append(cp.env, extraEnv...)
 	cp.start(t)
 	return cp
 }

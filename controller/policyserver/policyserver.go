@@ -3,7 +3,7 @@
 // the ServiceAccount to the identity that selects it, and answers with that identity's rules
 // only (policy.Document: never another identity's entries, never an API key).
 //
-// The protocol is plain HTTP caching semantics, held open for pushes:
+// The protocol is plain HTTP/1.1 caching semantics, held open for pushes:
 //
 //	GET /v1/policy?wait=30s
 //	Authorization: Bearer <token>
@@ -13,14 +13,23 @@
 // or, when the sidecar is current, holds the request until the identity's rules change (then
 // 200) or the wait ends (304 Not Modified). A policy edit therefore reaches every waiting
 // sidecar as soon as the control plane loads it.
+//
+// A waiting sidecar costs a parked connection, not a goroutine: Serve reads requests itself
+// (with net/http's parser) and, when a sidecar is current, keeps only its connection and
+// identity in a table until the policy changes or its wait ends. That is what lets one control
+// plane hold tens of thousands of sidecars in little memory.
 package policyserver
 
 import (
+	"bytes"
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
+	"fmt"
+	"io"
 	"log/slog"
 	"net/http"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -52,64 +61,59 @@ type Server struct {
 
 	mu       sync.Mutex
 	gen      *generation
-	stopping chan struct{} // closed by Stop
+	waiters  map[*waiter]struct{} // parked connections of current sidecars
+	stopping bool
 }
 
-// Stop ends every waiting request at once (answered 503, so that sidecars go to another
-// replica without waiting out their long-poll): http.Server.Shutdown waits for handlers.
-func (s *Server) Stop() {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if s.stopping == nil {
-		s.stopping = make(chan struct{})
-	}
-	select {
-	case <-s.stopping:
-	default:
-		close(s.stopping)
-	}
-}
-
-func (s *Server) stopped() <-chan struct{} {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if s.stopping == nil {
-		s.stopping = make(chan struct{})
-	}
-	return s.stopping
-}
-
-// generation is one loaded policy, its documents, and the channel closed when the next one
-// replaces it.
+// generation is one loaded policy and its documents.
 type generation struct {
-	pol     *policy.Policy
-	docs    map[string]document
-	changed chan struct{}
+	pol  *policy.Policy
+	docs map[string]document
 }
 
 type document struct {
 	body []byte
 	etag string
+	// ok is the whole keep-alive 200 response, built once per policy: waking ten thousand
+	// sidecars writes the same bytes ten thousand times instead of building them.
+	ok []byte
 }
 
-// SetPolicy makes p the policy served, and wakes every waiting sidecar (each goes back to
-// sleep if its own identity's rules did not change).
+// SetPolicy makes p the policy served, and answers every waiting sidecar whose identity's
+// rules changed (or that lost its identity); the others go on waiting.
 func (s *Server) SetPolicy(p *policy.Policy) {
-	g := &generation{pol: p, docs: map[string]document{}, changed: make(chan struct{})}
+	g := &generation{pol: p, docs: map[string]document{}}
 	for _, id := range p.Identities() {
 		body, err := p.Document(id.Name)
 		if err != nil {
 			continue // cannot happen: the identity is in p
 		}
 		sum := sha256.Sum256(body)
-		g.docs[id.Name] = document{body: body, etag: `"` + hex.EncodeToString(sum[:8]) + `"`}
+		d := document{body: body, etag: `"` + hex.EncodeToString(sum[:8]) + `"`}
+		var b bytes.Buffer
+		writeResponse(&b, http.StatusOK, okHeader(d, id.Name), body)
+		d.ok = b.Bytes()
+		g.docs[id.Name] = d
 	}
 	s.mu.Lock()
-	old := s.gen
 	s.gen = g
+	var wake []*waiter
+	var answers []answer
+	for w := range s.waiters {
+		a := s.lookup(g, w.who)
+		if a.code == http.StatusNotModified && a.doc.etag == w.etag {
+			continue
+		}
+		if a.code == http.StatusNotModified {
+			a.code = http.StatusOK
+		}
+		delete(s.waiters, w)
+		wake, answers = append(wake, w), append(answers, a)
+	}
+	s.Metrics.Waiting.Set(float64(len(s.waiters)))
 	s.mu.Unlock()
-	if old != nil {
-		close(old.changed)
+	for i, w := range wake {
+		go s.resume(w, answers[i])
 	}
 }
 
@@ -122,102 +126,122 @@ func (s *Server) current() *generation {
 // Ready reports whether a policy is loaded.
 func (s *Server) Ready() bool { return s.current() != nil }
 
-// ServeHTTP implements the protocol in the package comment.
-func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+// answer is what one request gets: a response now, or a place among the waiters.
+type answer struct {
+	code   int
+	reason string // a refusal's reason, for the body and the metrics
+	msg    string
+	doc    document
+	id     string
+	header http.Header
+}
+
+// evaluate authenticates a request and decides its answer. wait reports that the sidecar is
+// current and asked to wait: the caller parks it.
+func (s *Server) evaluate(r *http.Request) (a answer, who tokenreview.Result, etag string, wait time.Duration) {
 	if r.Method != http.MethodGet {
-		w.Header().Set("Allow", "GET")
-		s.fail(w, http.StatusMethodNotAllowed, "method_not_allowed", "GET only")
-		return
+		return answer{code: http.StatusMethodNotAllowed, reason: "method_not_allowed", msg: "GET only",
+			header: http.Header{"Allow": {"GET"}}}, who, "", 0
+	}
+	if r.URL.Path != Path {
+		return answer{code: http.StatusNotFound, reason: "not_found", msg: "the policy endpoint is " + Path}, who, "", 0
 	}
 	scheme, token, _ := strings.Cut(r.Header.Get("Authorization"), " ")
 	if !strings.EqualFold(scheme, "Bearer") || strings.TrimSpace(token) == "" {
-		s.authFailed(w, "missing_token")
-		return
+		return s.authFailed("missing_token"), who, "", 0
 	}
-	res := s.Auth.Authenticate(r.Context(), strings.TrimSpace(token))
-	if !res.OK() {
-		if res.Failure == tokenreview.FailureUnavailable {
-			s.Metrics.AuthFailures.WithLabelValues(string(res.Failure)).Inc()
-			s.fail(w, http.StatusServiceUnavailable, string(res.Failure), "the token cannot be verified now")
-			return
+	who = s.Auth.Authenticate(r.Context(), strings.TrimSpace(token))
+	if !who.OK() {
+		if who.Failure == tokenreview.FailureUnavailable {
+			s.Metrics.AuthFailures.WithLabelValues(string(who.Failure)).Inc()
+			return answer{code: http.StatusServiceUnavailable, reason: string(who.Failure), msg: "the token cannot be verified now"}, who, "", 0
 		}
-		s.authFailed(w, string(res.Failure))
-		return
+		return s.authFailed(string(who.Failure)), who, "", 0
 	}
-	wait := s.wait(r)
-	var deadline <-chan time.Time
-	if wait > 0 {
-		t := time.NewTimer(wait)
-		defer t.Stop()
-		deadline = t.C
+	etag = r.Header.Get("If-None-Match")
+	a = s.lookup(s.current(), who)
+	if a.code == http.StatusNotModified && etag != a.doc.etag {
+		a.code = http.StatusOK
 	}
-	waiting := false
-	defer func() {
-		if waiting {
-			s.Metrics.Waiting.Dec()
-		}
-	}()
-	for {
-		g := s.current()
-		if g == nil {
-			s.fail(w, http.StatusServiceUnavailable, "no_policy", "no policy loaded yet")
-			return
-		}
-		id := g.pol.IdentityForServiceAccount(res.Namespace, res.ServiceAccount)
-		if id == nil {
-			s.Metrics.AuthFailures.WithLabelValues("unmapped_service_account").Inc()
-			s.fail(w, http.StatusForbidden, "unmapped_service_account",
-				"no identity selects ServiceAccount "+res.Namespace+"/"+res.ServiceAccount)
-			return
-		}
-		doc := g.docs[id.Name]
-		if r.Header.Get("If-None-Match") != doc.etag {
-			w.Header().Set("ETag", doc.etag)
-			w.Header().Set(IdentityHeader, id.Name)
-			w.Header().Set("Content-Type", "application/json")
-			w.Header().Set("Cache-Control", "no-store")
-			w.Write(doc.body)
-			s.Metrics.Requests.WithLabelValues("served").Inc()
-			return
-		}
-		if deadline == nil {
-			s.notModified(w, doc.etag)
-			return
-		}
-		if !waiting {
-			waiting = true
-			s.Metrics.Waiting.Inc()
-		}
-		select {
-		case <-g.changed:
-			// A new policy: serve it if this identity's rules changed, else wait on.
-		case <-deadline:
-			s.notModified(w, doc.etag)
-			return
-		case <-s.stopped():
-			s.fail(w, http.StatusServiceUnavailable, "shutting_down", "this replica is shutting down")
-			return
-		case <-r.Context().Done():
-			return
-		}
+	if a.code == http.StatusNotModified {
+		wait = s.wait(r)
 	}
+	return a, who, etag, wait
 }
 
-func (s *Server) notModified(w http.ResponseWriter, etag string) {
-	w.Header().Set("ETag", etag)
-	w.WriteHeader(http.StatusNotModified)
-	s.Metrics.Requests.WithLabelValues("not_modified").Inc()
+// lookup is the answer for a ServiceAccount under one generation: 304 means "here is the
+// current document", which the caller turns into 200 when the sidecar has another one.
+func (s *Server) lookup(g *generation, who tokenreview.Result) answer {
+	if g == nil {
+		return answer{code: http.StatusServiceUnavailable, reason: "no_policy", msg: "no policy loaded yet"}
+	}
+	id := g.pol.IdentityForServiceAccount(who.Namespace, who.ServiceAccount)
+	if id == nil {
+		s.Metrics.AuthFailures.WithLabelValues("unmapped_service_account").Inc()
+		return answer{code: http.StatusForbidden, reason: "unmapped_service_account",
+			msg: "no identity selects ServiceAccount " + who.Namespace + "/" + who.ServiceAccount}
+	}
+	return answer{code: http.StatusNotModified, doc: g.docs[id.Name], id: id.Name}
 }
 
-func (s *Server) authFailed(w http.ResponseWriter, reason string) {
+func (s *Server) authFailed(reason string) answer {
 	s.Metrics.AuthFailures.WithLabelValues(reason).Inc()
-	w.Header().Set("WWW-Authenticate", `Bearer realm="egress-guard"`)
-	s.fail(w, http.StatusUnauthorized, reason, "a valid ServiceAccount token with the egress-guard audience is required")
+	return answer{code: http.StatusUnauthorized, reason: reason,
+		msg:    "a valid ServiceAccount token with the egress-guard audience is required",
+		header: http.Header{"Www-Authenticate": {`Bearer realm="egress-guard"`}}}
 }
 
-func (s *Server) fail(w http.ResponseWriter, code int, reason, msg string) {
-	s.Metrics.Requests.WithLabelValues(reason).Inc()
-	http.Error(w, "egress-guard control plane: "+msg+" ("+reason+")", code)
+// write sends an answer as an HTTP/1.1 response.
+func (s *Server) write(w io.Writer, a answer, keepAlive bool) error {
+	h := http.Header{}
+	for k, v := range a.header {
+		h[k] = v
+	}
+	var body []byte
+	switch a.code {
+	case http.StatusOK:
+		s.Metrics.Requests.WithLabelValues("served").Inc()
+		if keepAlive {
+			_, err := w.Write(a.doc.ok)
+			return err
+		}
+		body = a.doc.body
+		h = okHeader(a.doc, a.id)
+	case http.StatusNotModified:
+		h.Set("ETag", a.doc.etag)
+		s.Metrics.Requests.WithLabelValues("not_modified").Inc()
+	default:
+		body = []byte("egress-guard control plane: " + a.msg + " (" + a.reason + ")\n")
+		h.Set("Content-Type", "text/plain; charset=utf-8")
+		s.Metrics.Requests.WithLabelValues(a.reason).Inc()
+	}
+	if a.code != http.StatusNotModified {
+		h.Set("Content-Length", strconv.Itoa(len(body)))
+	}
+	if !keepAlive {
+		h.Set("Connection", "close")
+	}
+	var b bytes.Buffer
+	writeResponse(&b, a.code, h, body)
+	_, err := w.Write(b.Bytes())
+	return err
+}
+
+func okHeader(d document, identity string) http.Header {
+	return http.Header{
+		"Etag":                    {d.etag},
+		"X-Egress-Guard-Identity": {identity},
+		"Content-Type":            {"application/json"},
+		"Cache-Control":           {"no-store"},
+		"Content-Length":          {strconv.Itoa(len(d.body))},
+	}
+}
+
+func writeResponse(b *bytes.Buffer, code int, h http.Header, body []byte) {
+	fmt.Fprintf(b, "HTTP/1.1 %d %s\r\n", code, http.StatusText(code))
+	h.Write(b)
+	b.WriteString("\r\n")
+	b.Write(body)
 }
 
 // wait is the long-poll duration the sidecar asked for, capped.

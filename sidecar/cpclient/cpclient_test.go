@@ -5,10 +5,12 @@ import (
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
+	"crypto/tls"
 	"crypto/x509"
 	"crypto/x509/pkix"
 	"encoding/pem"
 	"math/big"
+	"net"
 	"net/http/httptest"
 	"os"
 	"path/filepath"
@@ -45,15 +47,30 @@ identities:
     allowed_destinations: ["evil.test"]
 `
 
-func setup(t *testing.T) (*policyserver.Server, *httptest.Server, *tokenAuth, string, string) {
+// endpoint is the control plane's policy server on a TLS listener with httptest's
+// certificate.
+type endpoint struct {
+	URL  string
+	ln   net.Listener
+	cert []byte
+}
+
+func setup(t *testing.T) (*policyserver.Server, *endpoint, *tokenAuth, string, string) {
 	t.Helper()
 	a := &tokenAuth{}
 	ps := &policyserver.Server{Auth: a, Metrics: policyserver.NewMetrics(prometheus.NewRegistry(), nil)}
-	hs := httptest.NewTLSServer(ps)
-	t.Cleanup(hs.Close)
+	donor := httptest.NewTLSServer(nil) // only for its certificate
+	donor.Close()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	go ps.Serve(tls.NewListener(ln, donor.TLS))
+	t.Cleanup(func() { ln.Close(); ps.Stop() })
+	hs := &endpoint{URL: "https://" + ln.Addr().String(), ln: ln, cert: donor.Certificate().Raw}
 	dir := t.TempDir()
 	ca := filepath.Join(dir, "ca.crt")
-	os.WriteFile(ca, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: hs.Certificate().Raw}), 0o600)
+	os.WriteFile(ca, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: hs.cert}), 0o600)
 	tok := filepath.Join(dir, "token")
 	os.WriteFile(tok, []byte("shop-token-1\n"), 0o600)
 	return ps, hs, a, ca, tok
@@ -112,8 +129,8 @@ func TestClientFollowsTheControlPlane(t *testing.T) {
 	waitFor(t, "rotated token", func() bool { return a.seen.Load() == "shop-token-2" })
 
 	// The control plane goes away: the last good policy stays, the outage is reported.
-	hs.CloseClientConnections()
-	hs.Listener.Close()
+	hs.ln.Close()
+	ps.Stop()
 	waitFor(t, "outage noticed", func() bool { up, _, _ := c.Status(); return !up })
 	if c.Current() == nil || c.Current().Identities()[0].MatchName("new.example.com", 443) == nil {
 		t.Fatal("the last good policy was dropped during an outage")
