@@ -17,6 +17,8 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/netip"
+	"os"
 	"strconv"
 	"strings"
 	"time"
@@ -25,14 +27,18 @@ import (
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 	authnv1 "k8s.io/api/authentication/v1"
+	corev1 "k8s.io/api/core/v1"
+	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/clientcmd"
 
 	"github.com/egress-guard/egress-guard/controller/certreload"
+	"github.com/egress-guard/egress-guard/controller/inject"
 	"github.com/egress-guard/egress-guard/controller/policyserver"
 	"github.com/egress-guard/egress-guard/pkg/accesslog"
+	"github.com/egress-guard/egress-guard/pkg/contract"
 	"github.com/egress-guard/egress-guard/pkg/metrics"
 	"github.com/egress-guard/egress-guard/pkg/policy"
 	"github.com/egress-guard/egress-guard/pkg/settings"
@@ -53,6 +59,12 @@ type Config struct {
 	Kubeconfig      string        // KUBECONFIG ("" = in-cluster)
 	MaxWait         time.Duration // MAX_WAIT (60s): longest policy long-poll
 	LogLevel        slog.Level    // LOG_LEVEL
+
+	// The admission webhook (WEBHOOK_PORT; 0 turns it off) and what it injects.
+	WebhookPort  uint16
+	Inject       inject.Config
+	InjectCAFile string // INJECT_CA_FILE: the CA sidecars trust for the control plane
+	NativeMode   string // INJECT_NATIVE_SIDECAR: auto (from the server version), true, false
 }
 
 // Settings declares the control plane's settings (environment variables, also flags).
@@ -86,7 +98,73 @@ func Settings(c *Config) *settings.Set {
 	s.String(&c.Kubeconfig, "KUBECONFIG", "kubeconfig", "", "kubeconfig file; empty: the in-cluster ServiceAccount")
 	s.Duration(&c.MaxWait, "MAX_WAIT", "max-wait", "60s", "longest a sidecar's policy request is held open")
 	s.LogLevel(&c.LogLevel, "LOG_LEVEL", "log-level", "INFO")
+	s.Func("WEBHOOK_PORT", "webhook-port", "0", "HTTPS port of the admission webhook (path /inject); 0: no webhook", func(v string) error {
+		if v == "0" {
+			c.WebhookPort = 0
+			return nil
+		}
+		p, err := settings.ParsePort(v)
+		c.WebhookPort = p
+		return err
+	})
+	s.String(&c.Inject.SidecarImage, "INJECT_SIDECAR_IMAGE", "", "egress-guard:latest", "the sidecar's image")
+	s.String(&c.Inject.InitImage, "INJECT_INIT_IMAGE", "", "egress-guard-init:latest", "the capture init container's image")
+	s.String(&c.Inject.ControlPlaneURL, "INJECT_CONTROL_PLANE_URL", "", "https://egress-guard.egress-guard.svc:443", "the control plane's URL as sidecars reach it")
+	s.String(&c.InjectCAFile, "INJECT_CA_FILE", "", "/etc/egress-guard/tls/ca.crt", "the CA certificate sidecars trust for the control plane")
+	s.Func("INJECT_PROXY_UID", "", strconv.Itoa(contract.ProxyUID), "the sidecar's UID (and GID)", func(v string) error {
+		n, err := strconv.ParseInt(v, 10, 64)
+		if err != nil || n <= 0 {
+			return errors.New("want a UID above 0")
+		}
+		c.Inject.ProxyUID, c.Inject.ProxyGID = n, n
+		return nil
+	})
+	s.Func("INJECT_REDIRECT_PORT", "", strconv.Itoa(contract.TransparentPort), "the sidecar's transparent port", func(v string) error {
+		p, err := settings.ParsePort(v)
+		c.Inject.RedirectPort = int32(p)
+		return err
+	})
+	s.Func("INJECT_EXCLUDE_CIDRS", "", "", "destinations the capture leaves alone (platform configuration only)", func(v string) error {
+		var ps []netip.Prefix
+		err := (&settings.Set{}).Prefixes(&ps, "x", "", "", "").Parse(v)
+		for _, p := range ps {
+			c.Inject.ExcludeCIDRs = append(c.Inject.ExcludeCIDRs, p.String())
+		}
+		return err
+	})
+	s.Func("INJECT_EXCLUDE_PORTS", "", "", "destination TCP ports the capture leaves alone", func(v string) error {
+		var ps []uint16
+		err := (&settings.Set{}).Ports(&ps, "x", "", "", "").Parse(v)
+		for _, p := range ps {
+			c.Inject.ExcludePorts = append(c.Inject.ExcludePorts, int32(p))
+		}
+		return err
+	})
+	s.OneOf(&c.Inject.UDPPolicy, []string{"drop", "reject", "allow"}, "INJECT_UDP_POLICY", "", "drop", "non-DNS UDP from captured pods")
+	s.OneOf(&c.NativeMode, []string{"auto", "true", "false"}, "INJECT_NATIVE_SIDECAR", "", "auto", "inject a native sidecar (auto: API server 1.29 or later)")
+	s.Func("INJECT_SIDECAR_RESOURCES", "", "cpu=20m,memory=32Mi;memory=128Mi", "the sidecar's requests;limits", func(v string) error {
+		req, lim, _ := strings.Cut(v, ";")
+		var err error
+		if c.Inject.Resources.Requests, err = resourceList(req); err == nil {
+			c.Inject.Resources.Limits, err = resourceList(lim)
+		}
+		return err
+	})
 	return &s
+}
+
+// resourceList parses "cpu=20m,memory=32Mi".
+func resourceList(v string) (corev1.ResourceList, error) {
+	out := corev1.ResourceList{}
+	for _, f := range settings.SplitList(v) {
+		name, q, ok := strings.Cut(f, "=")
+		qty, err := resource.ParseQuantity(q)
+		if !ok || err != nil {
+			return nil, fmt.Errorf("%q: want name=quantity such as memory=32Mi", f)
+		}
+		out[corev1.ResourceName(name)] = qty
+	}
+	return out, nil
 }
 
 // kubeReviewer asks the API server with client-go. RBAC: tokenreviews create.
@@ -173,12 +251,21 @@ func Run(ctx context.Context, cfg Config, out io.Writer) error {
 		apiLn.Close()
 		return fmt.Errorf("metrics listener: %w", err)
 	}
+	webhook, err := newWebhook(cfg, client, log, tlsConfig)
+	if err != nil {
+		apiLn.Close()
+		adminLn.Close()
+		return err
+	}
 	bg, stop := context.WithCancel(context.Background())
 	defer stop()
 	go watcher.Run(bg)
 	errc := make(chan error, 2)
 	go func() { errc <- ps.Serve(tls.NewListener(apiLn, tlsConfig)) }()
 	go func() { errc <- admin.Serve(adminLn) }()
+	if webhook != nil {
+		go func() { errc <- webhook.srv.ServeTLS(webhook.ln, "", "") }()
+	}
 	log.Info("egress-guard controller started", "policy_endpoint", apiLn.Addr().String(), "metrics", adminLn.Addr().String(),
 		"policy", cfg.PolicyPath, "policy_loaded", watcher.Current() != nil, "audience", cfg.Audience)
 
@@ -195,6 +282,9 @@ func Run(ctx context.Context, cfg Config, out io.Writer) error {
 	// Waiting sidecars are answered at once and reconnect to another replica.
 	apiLn.Close()
 	ps.Stop()
+	if webhook != nil {
+		webhook.srv.Shutdown(sctx)
+	}
 	admin.Shutdown(sctx)
 	return nil
 }
@@ -212,3 +302,63 @@ func adminMux(reg *prometheus.Registry, ready func() bool) *http.ServeMux {
 	mux.Handle("GET /metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{Registry: reg}))
 	return mux
 }
+
+type webhookServer struct {
+	srv *http.Server
+	ln  net.Listener
+}
+
+// newWebhook starts listening for AdmissionReviews, or returns nil when WEBHOOK_PORT is 0.
+func newWebhook(cfg Config, client kubernetes.Interface, log *slog.Logger, tlsConfig *tls.Config) (*webhookServer, error) {
+	if cfg.WebhookPort == 0 {
+		return nil, nil
+	}
+	ic := cfg.Inject
+	ca, err := os.ReadFile(cfg.InjectCAFile)
+	if err != nil {
+		return nil, fmt.Errorf("INJECT_CA_FILE: %w", err)
+	}
+	ic.ControlPlaneCA = string(ca)
+	ic.Version = version
+	switch cfg.NativeMode {
+	case "true":
+		ic.NativeSidecar = true
+	case "auto":
+		// Native sidecars (restartPolicy Always on init containers) are on by default from
+		// Kubernetes 1.29.
+		v, err := client.Discovery().ServerVersion()
+		if err != nil {
+			return nil, fmt.Errorf("API server version (for INJECT_NATIVE_SIDECAR=auto): %w", err)
+		}
+		major, _ := strconv.Atoi(strings.TrimSuffix(v.Major, "+"))
+		minor, _ := strconv.Atoi(strings.TrimSuffix(v.Minor, "+"))
+		ic.NativeSidecar = major > 1 || major == 1 && minor >= 29
+	}
+	mux := http.NewServeMux()
+	mux.Handle(inject.Path, &inject.Webhook{Config: ic, Log: log, Namespaces: func(ctx context.Context, name string) (map[string]string, error) {
+		ns, err := client.CoreV1().Namespaces().Get(ctx, name, metav1.GetOptions{})
+		if err != nil {
+			return nil, err
+		}
+		return ns.Labels, nil
+	}})
+	addr := net.JoinHostPort(cfg.ListenAddr, strconv.Itoa(int(cfg.WebhookPort)))
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return nil, fmt.Errorf("webhook listener: %w", err)
+	}
+	log.Info("admission webhook listening", "addr", ln.Addr().String(), "native_sidecar", ic.NativeSidecar)
+	return &webhookServer{ln: ln, srv: &http.Server{
+		Handler:           mux,
+		TLSConfig:         tlsConfig,
+		ReadHeaderTimeout: 10 * time.Second,
+		ReadTimeout:       30 * time.Second,
+		WriteTimeout:      30 * time.Second,
+		IdleTimeout:       2 * time.Minute,
+		ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelWarn),
+	}}, nil
+}
+
+// version is recorded in the pods the webhook injects; set at build time with
+// -ldflags "-X github.com/egress-guard/egress-guard/controller.version=...".
+var version = "dev"

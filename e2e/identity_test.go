@@ -76,11 +76,15 @@ func startK8s(t testing.TB) *k8sEnv {
 			t.Fatal(err)
 		}
 	}
-	// RBAC: the chart's ClusterRole for the control plane is exactly this.
+	// RBAC: the chart's ClusterRole for the control plane is exactly this (TokenReviews for
+	// the policy endpoint, namespaces' labels for the webhook).
 	c := cl.Client()
 	if _, err := c.RbacV1().ClusterRoles().Create(ctx, &rbacv1.ClusterRole{
 		ObjectMeta: metav1.ObjectMeta{Name: "egress-guard-tokenreview"},
-		Rules:      []rbacv1.PolicyRule{{APIGroups: []string{"authentication.k8s.io"}, Resources: []string{"tokenreviews"}, Verbs: []string{"create"}}},
+		Rules: []rbacv1.PolicyRule{
+			{APIGroups: []string{"authentication.k8s.io"}, Resources: []string{"tokenreviews"}, Verbs: []string{"create"}},
+			{APIGroups: []string{""}, Resources: []string{"namespaces"}, Verbs: []string{"get"}},
+		},
 	}, metav1.CreateOptions{}); err != nil {
 		t.Fatal(err)
 	}

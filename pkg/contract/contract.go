@@ -74,6 +74,7 @@ const (
 	TokenAudience    = "egress-guard"
 	EnvControlPlane  = "CONTROL_PLANE_URL"
 	EnvControlCA     = "CONTROL_PLANE_CA"
+	EnvControlCAPEM  = "CONTROL_PLANE_CA_PEM" // the CA itself (what the injector sets: it is public)
 	EnvTokenPath     = "TOKEN_PATH"
 	DefaultTokenPath = TokenDir + "/" + TokenFile
 )

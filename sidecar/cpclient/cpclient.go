@@ -59,9 +59,16 @@ func New(url, tokenPath, caFile string) (*Client, error) {
 	if err != nil {
 		return nil, fmt.Errorf("control plane CA: %w", err)
 	}
+	return NewWithCA(url, tokenPath, pem)
+}
+
+// NewWithCA is New with the CA certificates themselves (the injector puts them in the
+// sidecar's environment: a CA certificate is public, and no volume can carry it across
+// namespaces).
+func NewWithCA(url, tokenPath string, caPEM []byte) (*Client, error) {
 	pool := x509.NewCertPool()
-	if !pool.AppendCertsFromPEM(pem) {
-		return nil, fmt.Errorf("control plane CA: no certificate in %s", caFile)
+	if !pool.AppendCertsFromPEM(caPEM) {
+		return nil, errors.New("control plane CA: no PEM certificate")
 	}
 	if tokenPath == "" {
 		tokenPath = DefaultTokenPath

@@ -46,9 +46,10 @@ type Config struct {
 
 	// A sidecar's policy from the control plane (CONTROL_PLANE_URL, CONTROL_PLANE_CA,
 	// TOKEN_PATH), instead of a file and IDENTITY.
-	ControlPlaneURL string
-	ControlPlaneCA  string
-	TokenPath       string
+	ControlPlaneURL   string
+	ControlPlaneCA    string
+	ControlPlaneCAPEM string
+	TokenPath         string
 
 	// The gateway's ServiceAccount tokens (TOKEN_AUTH auto|on|off; KUBE_API_URL, KUBE_TOKEN_PATH,
 	// KUBE_CA_PATH default to the in-cluster values; TOKEN_AUDIENCE).
@@ -200,6 +201,7 @@ func Settings(c *Config, mode string) *settings.Set {
 	s.Duration(&c.KeepAliveTimeout, "KEEPALIVE_TIMEOUT", "", "30s", "how long a plain-HTTP client connection may wait idle between requests")
 	s.String(&c.ControlPlaneURL, contract.EnvControlPlane, "", "", "sidecar: the control plane's URL; the pod's identity and policy come from it")
 	s.String(&c.ControlPlaneCA, contract.EnvControlCA, "", contract.TokenDir+"/ca.crt", "sidecar: CA certificate of the control plane")
+	s.String(&c.ControlPlaneCAPEM, contract.EnvControlCAPEM, "", "", "sidecar: the control plane's CA certificate itself, PEM (set by the injector); overrides CONTROL_PLANE_CA")
 	s.String(&c.TokenPath, contract.EnvTokenPath, "", contract.DefaultTokenPath, "sidecar: the pod's projected ServiceAccount token (re-read as the kubelet rotates it)")
 	s.OneOf(&c.TokenAuth, []string{"auto", "on", "off"}, "TOKEN_AUTH", "", "auto", "gateway: accept ServiceAccount tokens (Bearer, or Basic user \"token\"); auto: when an API server is known")
 	s.String(&c.KubeAPIURL, "KUBE_API_URL", "", "", "gateway: API server for TokenReviews; empty: in-cluster")

@@ -28,7 +28,13 @@ type source interface {
 // (nil for the gateway, whose clients authenticate).
 func policySource(cfg Config, log *slog.Logger, m *metrics.Metrics) (source, func(*policy.Policy) *policy.Identity, error) {
 	if cfg.ControlPlaneURL != "" {
-		c, err := cpclient.New(cfg.ControlPlaneURL, cfg.TokenPath, cfg.ControlPlaneCA)
+		var c *cpclient.Client
+		var err error
+		if cfg.ControlPlaneCAPEM != "" {
+			c, err = cpclient.NewWithCA(cfg.ControlPlaneURL, cfg.TokenPath, []byte(cfg.ControlPlaneCAPEM))
+		} else {
+			c, err = cpclient.New(cfg.ControlPlaneURL, cfg.TokenPath, cfg.ControlPlaneCA)
+		}
 		if err != nil {
 			return nil, nil, err
 		}

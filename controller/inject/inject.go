@@ -1,0 +1,272 @@
+// Package inject is the pod mutation of the admission webhook, as a pure function: a pod and
+// its namespace's labels in, the injected pod (or a refusal that says what to change) out.
+// The webhook shell (webhook.go) turns the difference into a JSON patch.
+//
+// What is injected: the capture init container (root, NET_ADMIN and NET_RAW only), the sidecar
+// as a native sidecar (an init container with restartPolicy Always and a startup probe, so
+// apps start after the proxy listens and Jobs complete) or, for API servers before 1.29, a
+// classic container, and a projected ServiceAccount token (audience egress-guard) mounted into
+// the sidecar only. Every setting comes from platform configuration (Config), never from the
+// workload's annotations: a workload cannot exclude itself from capture.
+package inject
+
+import (
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"fmt"
+	"slices"
+	"strconv"
+	"strings"
+
+	corev1 "k8s.io/api/core/v1"
+	"k8s.io/apimachinery/pkg/api/resource"
+	"k8s.io/apimachinery/pkg/util/intstr"
+
+	"github.com/egress-guard/egress-guard/pkg/contract"
+)
+
+// Opt-in and record keeping.
+const (
+	// AnnotationInject on a pod (template): "true" opts in, "false" opts out of a labelled
+	// namespace.
+	AnnotationInject = "egress-guard.io/inject"
+	// LabelInject on a namespace: "enabled" injects every pod that does not opt out.
+	LabelInject = "egress-guard.io/inject"
+	// AnnotationStatus records what was injected (version and a hash of it).
+	AnnotationStatus = "egress-guard.io/status"
+	// LabelPodSecurity is the Pod Security admission label that would reject the init
+	// container.
+	LabelPodSecurity = "pod-security.kubernetes.io/enforce"
+	tokenVolume      = "egress-guard-token"
+)
+
+// Config is the platform's configuration of what is injected (chart values).
+type Config struct {
+	Version         string
+	SidecarImage    string
+	InitImage       string
+	ControlPlaneURL string
+	ControlPlaneCA  string // PEM of the CA the control plane's certificate chains to
+	ProxyUID        int64
+	ProxyGID        int64
+	RedirectPort    int32
+	ExcludeCIDRs    []string
+	ExcludePorts    []int32
+	UDPPolicy       string // drop, reject or allow
+	NativeSidecar   bool   // API server 1.29 or later
+	TokenSeconds    int64  // projected token lifetime (default 3600)
+	Resources       corev1.ResourceRequirements
+}
+
+// Refusal is a pod the injector will not admit, with what to change.
+type Refusal struct{ Reasons []string }
+
+func (r *Refusal) Error() string {
+	return "egress-guard refuses this pod: " + strings.Join(r.Reasons, "; ")
+}
+
+// Wanted reports whether a pod asks for injection: its annotation decides, else its
+// namespace's label.
+func Wanted(pod *corev1.Pod, namespaceLabels map[string]string) bool {
+	switch pod.Annotations[AnnotationInject] {
+	case "true":
+		return true
+	case "false":
+		return false
+	}
+	return namespaceLabels[LabelInject] == "enabled"
+}
+
+// Injected reports whether the pod already carries our containers and the record of them (a
+// re-invocation, or a pod created from an injected one): it is then left alone. The annotation
+// alone is not enough: a workload could set it to skip injection.
+func Injected(pod *corev1.Pod) bool {
+	if _, ok := pod.Annotations[AnnotationStatus]; !ok {
+		return false
+	}
+	for _, c := range pod.Spec.InitContainers {
+		if c.Name == contract.InitContainer {
+			return true
+		}
+	}
+	return false
+}
+
+// Mutate returns the pod with egress-guard injected. It never changes its argument. A pod that
+// does not want injection, or is already injected, is returned as is.
+func Mutate(pod *corev1.Pod, namespaceLabels map[string]string, cfg Config) (*corev1.Pod, error) {
+	if !Wanted(pod, namespaceLabels) || Injected(pod) {
+		return pod, nil
+	}
+	if err := check(pod, namespaceLabels, cfg); err != nil {
+		return nil, err
+	}
+	out := pod.DeepCopy()
+	initC, sidecar := cfg.initContainer(), cfg.sidecar()
+	if cfg.NativeSidecar {
+		always := corev1.ContainerRestartPolicyAlways
+		sidecar.RestartPolicy = &always
+		// Capture first, then the proxy; the app's own init containers run after both, so
+		// their egress is captured and served too.
+		out.Spec.InitContainers = append([]corev1.Container{initC, sidecar}, out.Spec.InitContainers...)
+	} else {
+		out.Spec.InitContainers = append([]corev1.Container{initC}, out.Spec.InitContainers...)
+		out.Spec.Containers = append([]corev1.Container{sidecar}, out.Spec.Containers...)
+	}
+	seconds := cfg.TokenSeconds
+	if seconds == 0 {
+		seconds = 3600
+	}
+	out.Spec.Volumes = append(out.Spec.Volumes, corev1.Volume{
+		Name: tokenVolume,
+		VolumeSource: corev1.VolumeSource{Projected: &corev1.ProjectedVolumeSource{
+			Sources: []corev1.VolumeProjection{{ServiceAccountToken: &corev1.ServiceAccountTokenProjection{
+				Audience: contract.TokenAudience, ExpirationSeconds: &seconds, Path: contract.TokenFile,
+			}}},
+		}},
+	})
+	if out.Annotations == nil {
+		out.Annotations = map[string]string{}
+	}
+	out.Annotations[AnnotationStatus] = cfg.status(initC, sidecar)
+	return out, nil
+}
+
+// check refuses the pods that would bypass capture, each reason saying what to change.
+func check(pod *corev1.Pod, nsLabels map[string]string, cfg Config) error {
+	var reasons []string
+	add := func(format string, args ...any) { reasons = append(reasons, fmt.Sprintf(format, args...)) }
+	if level := nsLabels[LabelPodSecurity]; level == "baseline" || level == "restricted" {
+		add("namespace %q enforces Pod Security %q (label %s), which rejects the capture init container's NET_ADMIN and NET_RAW: "+
+			"label the namespace %s=privileged, or opt this pod out with the annotation %s: \"false\" and send its egress through the gateway",
+			pod.Namespace, level, LabelPodSecurity, LabelPodSecurity, AnnotationInject)
+	}
+	if pod.Spec.HostNetwork {
+		add("hostNetwork: true shares the node's network namespace, where capture rules would apply to the node: run the pod without hostNetwork, or opt it out")
+	}
+	if sc := pod.Spec.SecurityContext; sc != nil {
+		if sc.RunAsUser != nil && *sc.RunAsUser == cfg.ProxyUID {
+			add("the pod's securityContext.runAsUser is %d, the proxy's UID, whose traffic is not captured: choose another UID", cfg.ProxyUID)
+		}
+		if sc.RunAsGroup != nil && *sc.RunAsGroup == cfg.ProxyGID {
+			add("the pod's securityContext.runAsGroup is %d, the proxy's GID: choose another group", cfg.ProxyGID)
+		}
+		if sc.FSGroup != nil && *sc.FSGroup == cfg.ProxyGID {
+			add("the pod's securityContext.fsGroup is %d, the proxy's GID: choose another group", cfg.ProxyGID)
+		}
+		if slices.Contains(sc.SupplementalGroups, cfg.ProxyGID) {
+			add("the pod's securityContext.supplementalGroups lists %d, the proxy's GID: remove it", cfg.ProxyGID)
+		}
+	}
+	all := append(append([]corev1.Container{}, pod.Spec.InitContainers...), pod.Spec.Containers...)
+	for _, c := range all {
+		if c.Name == contract.SidecarContainer || c.Name == contract.InitContainer {
+			add("container name %q is egress-guard's: rename the container", c.Name)
+		}
+		sc := c.SecurityContext
+		if sc == nil {
+			continue
+		}
+		if sc.RunAsUser != nil && *sc.RunAsUser == cfg.ProxyUID {
+			add("container %q runs as UID %d, the proxy's, whose traffic is not captured: choose another UID", c.Name, cfg.ProxyUID)
+		}
+		if sc.RunAsGroup != nil && *sc.RunAsGroup == cfg.ProxyGID {
+			add("container %q runs with GID %d, the proxy's: choose another group", c.Name, cfg.ProxyGID)
+		}
+		if sc.Privileged != nil && *sc.Privileged {
+			add("container %q is privileged and could remove the capture rules: drop privileged", c.Name)
+		}
+		if sc.Capabilities != nil {
+			for _, cap := range sc.Capabilities.Add {
+				switch strings.TrimPrefix(strings.ToUpper(string(cap)), "CAP_") {
+				case "NET_ADMIN", "NET_RAW", "ALL":
+					add("container %q adds capability %s, with which it could remove the capture rules or send raw packets: drop it", c.Name, cap)
+				}
+			}
+		}
+	}
+	if len(reasons) > 0 {
+		return &Refusal{Reasons: reasons}
+	}
+	return nil
+}
+
+func (cfg Config) initContainer() corev1.Container {
+	args := []string{
+		"--proxy-uid", strconv.FormatInt(cfg.ProxyUID, 10),
+		"--redirect-port", strconv.Itoa(int(cfg.RedirectPort)),
+		"--udp-policy", cfg.UDPPolicy,
+	}
+	if len(cfg.ExcludeCIDRs) > 0 {
+		args = append(args, "--exclude-cidrs", strings.Join(cfg.ExcludeCIDRs, ","))
+	}
+	if len(cfg.ExcludePorts) > 0 {
+		ports := make([]string, len(cfg.ExcludePorts))
+		for i, p := range cfg.ExcludePorts {
+			ports[i] = strconv.Itoa(int(p))
+		}
+		args = append(args, "--exclude-ports", strings.Join(ports, ","))
+	}
+	root, no := int64(0), false
+	return corev1.Container{
+		Name:  contract.InitContainer,
+		Image: cfg.InitImage,
+		Args:  args,
+		SecurityContext: &corev1.SecurityContext{
+			RunAsUser:                &root,
+			RunAsNonRoot:             &no,
+			AllowPrivilegeEscalation: &no,
+			Capabilities: &corev1.Capabilities{
+				Add:  []corev1.Capability{"NET_ADMIN", "NET_RAW"},
+				Drop: []corev1.Capability{"ALL"},
+			},
+		},
+		Resources: corev1.ResourceRequirements{
+			Requests: corev1.ResourceList{corev1.ResourceCPU: resource.MustParse("10m"), corev1.ResourceMemory: resource.MustParse("16Mi")},
+			Limits:   corev1.ResourceList{corev1.ResourceMemory: resource.MustParse("64Mi")},
+		},
+	}
+}
+
+func (cfg Config) sidecar() corev1.Container {
+	yes, no := true, false
+	uid, gid := cfg.ProxyUID, cfg.ProxyGID
+	ready := &corev1.Probe{
+		ProbeHandler:     corev1.ProbeHandler{HTTPGet: &corev1.HTTPGetAction{Path: "/ready", Port: intstr.FromInt32(contract.AdminPort)}},
+		PeriodSeconds:    1,
+		FailureThreshold: 60,
+	}
+	return corev1.Container{
+		Name:  contract.SidecarContainer,
+		Image: cfg.SidecarImage,
+		Env: []corev1.EnvVar{
+			{Name: contract.EnvMode, Value: contract.ModeSidecar},
+			{Name: contract.EnvControlPlane, Value: cfg.ControlPlaneURL},
+			{Name: contract.EnvControlCAPEM, Value: cfg.ControlPlaneCA},
+			{Name: contract.EnvTokenPath, Value: contract.DefaultTokenPath},
+		},
+		Ports:          []corev1.ContainerPort{{Name: "eg-metrics", ContainerPort: contract.AdminPort}},
+		StartupProbe:   ready,
+		ReadinessProbe: &corev1.Probe{ProbeHandler: ready.ProbeHandler, PeriodSeconds: 5},
+		VolumeMounts:   []corev1.VolumeMount{{Name: tokenVolume, MountPath: contract.TokenDir, ReadOnly: true}},
+		Resources:      cfg.Resources,
+		SecurityContext: &corev1.SecurityContext{
+			RunAsUser:                &uid,
+			RunAsGroup:               &gid,
+			RunAsNonRoot:             &yes,
+			ReadOnlyRootFilesystem:   &yes,
+			AllowPrivilegeEscalation: &no,
+			Capabilities:             &corev1.Capabilities{Drop: []corev1.Capability{"ALL"}},
+		},
+	}
+}
+
+// status is the status annotation: the version and a hash of what was injected, so that an
+// operator can tell pods injected by different configurations apart.
+func (cfg Config) status(cs ...corev1.Container) string {
+	b, _ := json.Marshal(cs)
+	sum := sha256.Sum256(b)
+	s, _ := json.Marshal(map[string]string{"version": cfg.Version, "hash": hex.EncodeToString(sum[:8])})
+	return string(s)
+}

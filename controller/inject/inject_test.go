@@ -1,0 +1,96 @@
+package inject
+
+import (
+	"flag"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	corev1 "k8s.io/api/core/v1"
+	"k8s.io/apimachinery/pkg/api/resource"
+	"sigs.k8s.io/yaml"
+)
+
+var update = flag.Bool("update", false, "rewrite the golden files")
+
+func testConfig() Config {
+	return Config{
+		Version:         "test",
+		SidecarImage:    "egress-guard:test",
+		InitImage:       "egress-guard-init:test",
+		ControlPlaneURL: "https://egress-guard.egress-guard.svc:443",
+		ControlPlaneCA:  "-----BEGIN CERTIFICATE-----\nTEST\n-----END CERTIFICATE-----\n",
+		ProxyUID:        15337,
+		ProxyGID:        15337,
+		RedirectPort:    15001,
+		ExcludeCIDRs:    []string{"10.96.0.1/32"},
+		ExcludePorts:    []int32{5432},
+		UDPPolicy:       "drop",
+		NativeSidecar:   true,
+		Resources: corev1.ResourceRequirements{
+			Requests: corev1.ResourceList{corev1.ResourceCPU: resource.MustParse("20m"), corev1.ResourceMemory: resource.MustParse("32Mi")},
+			Limits:   corev1.ResourceList{corev1.ResourceMemory: resource.MustParse("128Mi")},
+		},
+	}
+}
+
+type testCase struct {
+	Classic         bool              `json:"classic"`
+	NamespaceLabels map[string]string `json:"namespaceLabels"`
+	Pod             corev1.Pod        `json:"pod"`
+}
+
+// TestMutateGolden runs every testdata/*.yaml through Mutate and compares the result with
+// its .golden file: the injected pod as YAML, the pod unchanged, or the refusal's message.
+// go test ./controller/inject -update rewrites them.
+func TestMutateGolden(t *testing.T) {
+	files, _ := filepath.Glob("testdata/*.yaml")
+	if len(files) < 8 {
+		t.Fatalf("%d cases", len(files))
+	}
+	for _, f := range files {
+		t.Run(strings.TrimSuffix(filepath.Base(f), ".yaml"), func(t *testing.T) {
+			raw, err := os.ReadFile(f)
+			if err != nil {
+				t.Fatal(err)
+			}
+			var tc testCase
+			if err := yaml.UnmarshalStrict(raw, &tc); err != nil {
+				t.Fatal(err)
+			}
+			cfg := testConfig()
+			cfg.NativeSidecar = !tc.Classic
+			before, _ := yaml.Marshal(tc.Pod)
+			out, err := Mutate(&tc.Pod, tc.NamespaceLabels, cfg)
+			var got []byte
+			switch {
+			case err != nil:
+				got = []byte("refused: " + err.Error() + "\n")
+			case out == &tc.Pod:
+				got = []byte("unchanged\n")
+			default:
+				got, _ = yaml.Marshal(out)
+				// Idempotent: injecting the result again changes nothing.
+				if again, err := Mutate(out, tc.NamespaceLabels, cfg); err != nil || again != out {
+					t.Fatalf("a second injection changed the pod (%v)", err)
+				}
+			}
+			if after, _ := yaml.Marshal(tc.Pod); string(after) != string(before) {
+				t.Fatal("Mutate changed its argument")
+			}
+			golden := strings.TrimSuffix(f, ".yaml") + ".golden"
+			if *update {
+				os.WriteFile(golden, got, 0o644)
+				return
+			}
+			want, err := os.ReadFile(golden)
+			if err != nil {
+				t.Fatalf("%v (run with -update)", err)
+			}
+			if string(got) != string(want) {
+				t.Fatalf("got:\n%s\nwant:\n%s", got, want)
+			}
+		})
+	}
+}
