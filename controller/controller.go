@@ -82,18 +82,8 @@ func Settings(c *Config) *settings.Set {
 	s.String(&c.CertFile, "TLS_CERT_FILE", "tls-cert-file", "/etc/egress-guard/tls/tls.crt", "serving certificate (reloaded when it changes)")
 	s.String(&c.KeyFile, "TLS_KEY_FILE", "tls-key-file", "/etc/egress-guard/tls/tls.key", "serving key")
 	s.String(&c.PolicyPath, "CONFIGMAP_PATH", "policy", "/etc/config/egress-policy.yaml", "policy file")
-	s.Func("WATCH_INTERVAL", "watch-interval", "1", "policy poll interval: seconds, or a duration such as 500ms (an edit reaches the sidecars this soon, plus 250 ms)", func(v string) error {
-		d, err := settings.ParseSecondsOrDuration(v)
-		c.WatchInterval = d
-		return err
-	})
-	s.Func("INTERNAL_DOMAINS", "internal-domains", strings.Join(policy.DefaultInternalDomains, ","), "private-use DNS suffixes whose exact names may reach private addresses; none for no suffix", func(v string) error {
-		c.InternalDomains = nil
-		if v != "none" {
-			c.InternalDomains = settings.SplitList(v)
-		}
-		return nil
-	})
+	s.SecondsOrDuration(&c.WatchInterval, "WATCH_INTERVAL", "watch-interval", "1", "policy poll interval: seconds, or a duration such as 500ms (an edit reaches the sidecars this soon, plus 250 ms)")
+	s.ListOrNone(&c.InternalDomains, "INTERNAL_DOMAINS", "internal-domains", strings.Join(policy.DefaultInternalDomains, ","), "private-use DNS suffixes whose exact names may reach private addresses; none for no suffix")
 	s.String(&c.Audience, "TOKEN_AUDIENCE", "token-audience", tokenreview.DefaultAudience, "audience the sidecars' projected tokens must carry")
 	s.String(&c.Kubeconfig, "KUBECONFIG", "kubeconfig", "", "kubeconfig file; empty: the in-cluster ServiceAccount")
 	s.Duration(&c.MaxWait, "MAX_WAIT", "max-wait", "60s", "longest a sidecar's policy request is held open")

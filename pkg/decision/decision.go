@@ -88,15 +88,7 @@ type Decider struct {
 // to their rules: a captured connection that named no host (a server-first protocol) to such
 // an address is allowed by that rule.
 func (d *Decider) Decide(ctx context.Context, id *policy.Identity, t Target, known *KnownAddrs) Verdict {
-	var rule *policy.Rule
-	if t.IsName() {
-		rule = id.MatchName(t.Host, t.Port)
-	} else {
-		rule = id.MatchAddr(t.Addr, t.Port)
-		if rule == nil {
-			rule = known.Lookup(t.Addr, t.Port)
-		}
-	}
+	rule := match(id, t, known)
 	v := Verdict{Action: outcome.Allowed, Reason: outcome.Rule, Rule: rule}
 	if rule == nil {
 		if id.Mode != policy.ModeAudit {
@@ -153,19 +145,23 @@ func (d *Decider) reachable(id *policy.Identity, rule *policy.Rule, a netip.Addr
 	return false
 }
 
+// match is the identity's rule for the target: a name rule for a name; for an address, an
+// address rule, else an exact name the proxy resolved to that address.
+func match(id *policy.Identity, t Target, known *KnownAddrs) *policy.Rule {
+	if t.IsName() {
+		return id.MatchName(t.Host, t.Port)
+	}
+	if r := id.MatchAddr(t.Addr, t.Port); r != nil {
+		return r
+	}
+	return known.Lookup(t.Addr, t.Port)
+}
+
 // StillAllows re-checks an established connection against a (new) policy: the identity's
 // rules must still match the target (audit mode still lets anything through), and the address
 // the connection went to must still be reachable for the identity. Nothing is resolved.
 func (d *Decider) StillAllows(id *policy.Identity, t Target, upstream netip.Addr, known *KnownAddrs) bool {
-	var rule *policy.Rule
-	if t.IsName() {
-		rule = id.MatchName(t.Host, t.Port)
-	} else {
-		rule = id.MatchAddr(t.Addr, t.Port)
-		if rule == nil {
-			rule = known.Lookup(t.Addr, t.Port)
-		}
-	}
+	rule := match(id, t, known)
 	if rule == nil && id.Mode != policy.ModeAudit {
 		return false
 	}

@@ -209,6 +209,28 @@ func (s *Set) LogLevel(dst *slog.Level, env, flagName, def string) *Setting {
 	})
 }
 
+// SecondsOrDuration declares an interval written as whole seconds (the original egress-guard's
+// WATCH_INTERVAL) or a Go duration.
+func (s *Set) SecondsOrDuration(dst *time.Duration, env, flagName, def, usage string) *Setting {
+	return s.Func(env, flagName, def, usage, func(v string) error {
+		d, err := ParseSecondsOrDuration(v)
+		*dst = d
+		return err
+	})
+}
+
+// ListOrNone declares a comma-separated list whose empty value is spelled "none" (an unset
+// variable means the default).
+func (s *Set) ListOrNone(dst *[]string, env, flagName, def, usage string) *Setting {
+	return s.Func(env, flagName, def, usage, func(v string) error {
+		*dst = nil
+		if v != "none" {
+			*dst = SplitList(v)
+		}
+		return nil
+	})
+}
+
 // ParsePort parses a TCP port number 1-65535.
 func ParsePort(v string) (uint16, error) {
 	p, err := strconv.ParseUint(v, 10, 16)

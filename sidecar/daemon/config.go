@@ -155,12 +155,7 @@ func Settings(c *Config, mode string) *settings.Set {
 	s.Port(&c.ProxyPort, contract.EnvProxyPort, "", strconv.Itoa(proxyPort), "explicit proxy listener port")
 	s.Port(&c.MetricsPort, contract.EnvMetricsPort, "", strconv.Itoa(metricsPort), "/health, /ready and /metrics port")
 	s.String(&c.PolicyPath, contract.EnvPolicyPath, "", "/etc/config/egress-policy.yaml", "policy file")
-	s.Func("WATCH_INTERVAL", "", "5", "policy poll interval: seconds, or a duration such as 500ms", func(v string) error {
-		// The original takes whole seconds; a Go duration is accepted too.
-		d, err := settings.ParseSecondsOrDuration(v)
-		c.WatchInterval = d
-		return err
-	})
+	s.SecondsOrDuration(&c.WatchInterval, "WATCH_INTERVAL", "", "5", "policy poll interval: seconds, or a duration such as 500ms")
 	s.LogLevel(&c.LogLevel, "LOG_LEVEL", "", "INFO")
 	s.Func("LISTEN_ADDR", "", "", "gateway: IP address to bind the proxy listener (and the admin listener unless ADMIN_ADDR is set) to; not allowed in sidecar mode", func(v string) error {
 		if _, err := netip.ParseAddr(v); err != nil {
@@ -179,13 +174,7 @@ func Settings(c *Config, mode string) *settings.Set {
 	s.String(&c.Resolver, "RESOLVER", "", "", "DNS server host:port used to resolve destinations")
 	s.Ports(&c.TLSPorts, "TLS_PORTS", "", "443,8443", "CONNECT ports whose tunnels must start with a matching ClientHello")
 	s.Prefixes(&c.InternalCIDRs, "INTERNAL_CIDRS", "", "", "extra internal ranges")
-	s.Func("INTERNAL_DOMAINS", "", strings.Join(policy.DefaultInternalDomains, ","), "private-use DNS suffixes whose exact names may reach private addresses; none for no suffix", func(v string) error {
-		c.InternalDomains = nil
-		if v != "none" {
-			c.InternalDomains = settings.SplitList(v)
-		}
-		return nil
-	})
+	s.ListOrNone(&c.InternalDomains, "INTERNAL_DOMAINS", "", strings.Join(policy.DefaultInternalDomains, ","), "private-use DNS suffixes whose exact names may reach private addresses; none for no suffix")
 	s.Duration(&c.IdleTimeout, "IDLE_TIMEOUT", "", "5m", "close a connection idle this long")
 	s.PositiveInt(&c.MaxTunnels, "MAX_TUNNELS", "", "10000", "cap on decided, open connections")
 	s.PositiveInt(&c.MaxPending, "MAX_PENDING", "", "1000", "cap on connections not yet decided (reading the request head, authenticating, peeking)")
