@@ -13,11 +13,12 @@ echo "== go vet"
 go vet ./...
 echo "== go mod tidy"
 if ! go mod tidy -diff; then echo "go.mod/go.sum are not tidy: run go mod tidy"; exit 1; fi
-echo "== Kubernetes binaries (etcd, kube-apiserver, ...: built once into a cache outside the clone)"
+echo "== Kubernetes binaries and helm (built once into a cache outside the clone)"
 start=$(date +%s)
 KUBE_BIN_DIR=$(scripts/k8s-bins.sh)
-export KUBE_BIN_DIR
-echo "$KUBE_BIN_DIR ($(( $(date +%s) - start ))s)"
+HELM_BIN=$(scripts/helm-bin.sh)
+export KUBE_BIN_DIR HELM_BIN
+echo "$KUBE_BIN_DIR, $HELM_BIN ($(( $(date +%s) - start ))s)"
 echo "== unit tests (every package but e2e/)"
 mapfile -t unit < <(go list ./... | grep -v -E '/e2e(/|$)')
 go test -count=1 -race "${unit[@]}"
