@@ -20,32 +20,13 @@ import (
 	"github.com/egress-guard/egress-guard/pkg/contract"
 )
 
-// helmBin is helm for e2e: $HELM_BIN (set by scripts/test.sh), else the cache of
-// scripts/helm-bin.sh; missing, it fails under CI and skips elsewhere.
-func helmBin(t *testing.T) string {
-	t.Helper()
-	if p := os.Getenv("HELM_BIN"); p != "" {
-		return p
-	}
-	home, _ := os.UserHomeDir()
-	p := filepath.Join(home, ".cache", "egress-guard", "helm-v4.3.1", "helm")
-	if _, err := os.Stat(p); err == nil {
-		return p
-	}
-	if os.Getenv("CI") == "true" {
-		t.Fatal("no helm: scripts/test.sh exports HELM_BIN=$(scripts/helm-bin.sh)")
-	}
-	t.Skip("no helm: run scripts/helm-bin.sh to run this test")
-	return ""
-}
-
 // The platform team's path, end to end against a real API server and controller manager:
 // helm install the chart with the injector, run the control plane as a process behind the
 // chart's own Service (its ClusterIP is on loopback) with the chart's certificate and
 // environment, label a namespace, create a Deployment — and the pods the real ReplicaSet
 // controller creates come out injected through the chart's own webhook configuration.
 func TestHelmInstallInjectsDeploymentPods(t *testing.T) {
-	helm := helmBin(t)
+	helm := kubelab.RequireHelm(t)
 	binDir := kubelab.Require(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()

@@ -8,64 +8,13 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
 	"sigs.k8s.io/yaml"
+
+	"github.com/egress-guard/egress-guard/internal/kubelab"
 )
-
-// helmVersion is the version scripts/helm-bin.sh builds.
-const helmVersion = "v4.3.1"
-
-// helmCachePath is where scripts/helm-bin.sh puts helm:
-// ${EGRESS_GUARD_CACHE:-$HOME/.cache/egress-guard}/helm-v4.3.1/helm.
-func helmCachePath() string {
-	root := os.Getenv("EGRESS_GUARD_CACHE")
-	if root == "" {
-		home, err := os.UserHomeDir()
-		if err != nil {
-			return ""
-		}
-		root = filepath.Join(home, ".cache", "egress-guard")
-	}
-	return filepath.Join(root, "helm-"+helmVersion, "helm")
-}
-
-func isExecutable(p string) bool {
-	fi, err := os.Stat(p)
-	return err == nil && !fi.IsDir() && fi.Mode()&0o111 != 0
-}
-
-var (
-	helmOnce  sync.Once
-	helmBuilt string
-	helmErr   error
-)
-
-// requireHelm returns the helm binary: $HELM_BIN when set, else the cache of
-// scripts/helm-bin.sh; with CI=true it runs the script (about 100 s cold),
-// else it skips the test saying how to get helm.
-func requireHelm(t testing.TB) string {
-	t.Helper()
-	if p := os.Getenv("HELM_BIN"); p != "" {
-		if !isExecutable(p) {
-			t.Fatalf("HELM_BIN=%s is not an executable", p)
-		}
-		return p
-	}
-	if p := helmCachePath(); p != "" && isExecutable(p) {
-		return p
-	}
-	if os.Getenv("CI") != "true" {
-		t.Skip("charttest: no helm: run scripts/helm-bin.sh (builds helm " + helmVersion + " once, about 100 s) to run this test")
-	}
-	helmOnce.Do(func() { helmBuilt, helmErr = runScript("helm-bin.sh") })
-	if helmErr != nil {
-		t.Fatalf("charttest: CI=true and no helm: %v", helmErr)
-	}
-	return helmBuilt
-}
 
 // repoRoot is the directory above the working directory that holds go.mod
 // and charts/egress-guard.
@@ -84,27 +33,6 @@ func repoRoot() (string, error) {
 	}
 }
 
-func runScript(name string) (string, error) {
-	root, err := repoRoot()
-	if err != nil {
-		return "", err
-	}
-	script := filepath.Join(root, "scripts", name)
-	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Minute)
-	defer cancel()
-	var stdout, stderr bytes.Buffer
-	cmd := exec.CommandContext(ctx, "bash", script)
-	cmd.Stdout, cmd.Stderr = &stdout, &stderr
-	if err := cmd.Run(); err != nil {
-		return "", fmt.Errorf("%s: %v\n%s", script, err, stderr.String())
-	}
-	p := strings.TrimSpace(stdout.String())
-	if !isExecutable(p) {
-		return "", fmt.Errorf("%s printed %q, which is not an executable", script, p)
-	}
-	return p, nil
-}
-
 // tool runs helm or kubectl with a private HOME for helm's config, cache and data.
 type tool struct {
 	t          testing.TB
@@ -121,7 +49,7 @@ func newTool(t testing.TB) *tool {
 	if err != nil {
 		t.Fatal(err)
 	}
-	return &tool{t: t, helm: requireHelm(t), chart: filepath.Join(root, "charts", "egress-guard"), home: t.TempDir()}
+	return &tool{t: t, helm: kubelab.RequireHelm(t), chart: filepath.Join(root, "charts", "egress-guard"), home: t.TempDir()}
 }
 
 // with returns a copy of x that reports to t (a subtest).

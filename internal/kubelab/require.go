@@ -13,18 +13,64 @@ import (
 	"time"
 )
 
+// cacheRoot is where the scripts cache what they build, outside the clone:
+// ${EGRESS_GUARD_CACHE:-$HOME/.cache/egress-guard}.
+func cacheRoot() string {
+	if root := os.Getenv("EGRESS_GUARD_CACHE"); root != "" {
+		return root
+	}
+	home, err := os.UserHomeDir()
+	if err != nil {
+		return ""
+	}
+	return filepath.Join(home, ".cache", "egress-guard")
+}
+
 // CacheBinDir returns where scripts/k8s-bins.sh puts the binaries:
 // ${EGRESS_GUARD_CACHE:-$HOME/.cache/egress-guard}/k8s-v1.37.2.
-func CacheBinDir() string {
-	root := os.Getenv("EGRESS_GUARD_CACHE")
-	if root == "" {
-		home, err := os.UserHomeDir()
-		if err != nil {
-			return ""
+func CacheBinDir() string { return filepath.Join(cacheRoot(), "k8s-"+KubernetesVersion) }
+
+// HelmVersion is the helm scripts/helm-bin.sh builds.
+const HelmVersion = "v4.3.1"
+
+var (
+	helmOnce  sync.Once
+	helmBuilt string
+	helmErr   error
+)
+
+// RequireHelm returns the helm binary for a test, as Require does the control plane's:
+// $HELM_BIN when set, else the cache of scripts/helm-bin.sh; with CI=true it runs the
+// script, else it skips the test saying how to get helm.
+func RequireHelm(t testing.TB) string {
+	t.Helper()
+	if p := os.Getenv("HELM_BIN"); p != "" {
+		if !isExecutable(p) {
+			t.Fatalf("HELM_BIN=%s is not an executable", p)
 		}
-		root = filepath.Join(home, ".cache", "egress-guard")
+		return p
 	}
-	return filepath.Join(root, "k8s-"+KubernetesVersion)
+	if p := filepath.Join(cacheRoot(), "helm-"+HelmVersion, "helm"); isExecutable(p) {
+		return p
+	}
+	if os.Getenv("CI") != "true" {
+		t.Skip("no helm: run `export HELM_BIN=$(scripts/helm-bin.sh)` (builds helm " + HelmVersion + " once) to run this test")
+	}
+	helmOnce.Do(func() {
+		helmBuilt, helmErr = runScript("helm-bin.sh")
+		if helmErr == nil && !isExecutable(helmBuilt) {
+			helmErr = fmt.Errorf("scripts/helm-bin.sh printed %q, which is not an executable", helmBuilt)
+		}
+	})
+	if helmErr != nil {
+		t.Fatalf("CI=true and no helm: %v", helmErr)
+	}
+	return helmBuilt
+}
+
+func isExecutable(p string) bool {
+	fi, err := os.Stat(p)
+	return err == nil && !fi.IsDir() && fi.Mode()&0o111 != 0
 }
 
 func hasBins(dir string) bool {
@@ -71,22 +117,31 @@ func Require(t testing.TB) string {
 	return buildDir
 }
 
-// runBinsScript finds scripts/k8s-bins.sh above the working directory and
-// runs it, returning the directory it prints.
+// runBinsScript runs scripts/k8s-bins.sh and returns the directory it prints.
 func runBinsScript() (string, error) {
+	dir, err := runScript("k8s-bins.sh")
+	if err == nil && !hasBins(dir) {
+		err = fmt.Errorf("scripts/k8s-bins.sh printed %q, which has no etcd and kube-apiserver", dir)
+	}
+	return dir, err
+}
+
+// runScript finds scripts/<name> above the working directory, runs it and returns what it
+// prints on stdout (a path).
+func runScript(name string) (string, error) {
 	wd, err := os.Getwd()
 	if err != nil {
 		return "", err
 	}
 	script := ""
 	for d := wd; ; d = filepath.Dir(d) {
-		p := filepath.Join(d, "scripts", "k8s-bins.sh")
+		p := filepath.Join(d, "scripts", name)
 		if _, err := os.Stat(p); err == nil {
 			script = p
 			break
 		}
 		if filepath.Dir(d) == d {
-			return "", fmt.Errorf("scripts/k8s-bins.sh not found above %s", wd)
+			return "", fmt.Errorf("scripts/%s not found above %s", name, wd)
 		}
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Minute)
@@ -98,11 +153,7 @@ func runBinsScript() (string, error) {
 	if err := cmd.Run(); err != nil {
 		return "", fmt.Errorf("%s: %v\n%s", script, err, stderr.String())
 	}
-	dir := strings.TrimSpace(stdout.String())
-	if !hasBins(dir) {
-		return "", fmt.Errorf("%s printed %q, which has no etcd and kube-apiserver", script, dir)
-	}
-	return dir, nil
+	return strings.TrimSpace(stdout.String()), nil
 }
 
 // StartForTest is Require + Start, with Stop in t.Cleanup. It fails the test
