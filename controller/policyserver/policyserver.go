@@ -27,7 +27,6 @@ import (
 	"encoding/hex"
 	"fmt"
 	"io"
-	"log/slog"
 	"net/http"
 	"strconv"
 	"strings"
@@ -57,7 +56,6 @@ type Server struct {
 	Auth    Authenticator
 	MaxWait time.Duration // cap on the wait a sidecar asks for (default 60s)
 	Metrics *Metrics
-	Log     *slog.Logger
 
 	mu       sync.Mutex
 	gen      *generation
@@ -160,6 +158,9 @@ func (s *Server) evaluate(r *http.Request) (a answer, who tokenreview.Result, et
 	}
 	etag = r.Header.Get("If-None-Match")
 	a = s.lookup(s.current(), who)
+	if a.reason == "unmapped_service_account" {
+		s.Metrics.AuthFailures.WithLabelValues(a.reason).Inc()
+	}
 	if a.code == http.StatusNotModified && etag != a.doc.etag {
 		a.code = http.StatusOK
 	}
@@ -170,14 +171,14 @@ func (s *Server) evaluate(r *http.Request) (a answer, who tokenreview.Result, et
 }
 
 // lookup is the answer for a ServiceAccount under one generation: 304 means "here is the
-// current document", which the caller turns into 200 when the sidecar has another one.
+// current document", which the caller turns into 200 when the sidecar has another one. It
+// counts nothing: it is asked again for every waiter on every policy change.
 func (s *Server) lookup(g *generation, who tokenreview.Result) answer {
 	if g == nil {
 		return answer{code: http.StatusServiceUnavailable, reason: "no_policy", msg: "no policy loaded yet"}
 	}
 	id := g.pol.IdentityForServiceAccount(who.Namespace, who.ServiceAccount)
 	if id == nil {
-		s.Metrics.AuthFailures.WithLabelValues("unmapped_service_account").Inc()
 		return answer{code: http.StatusForbidden, reason: "unmapped_service_account",
 			msg: "no identity selects ServiceAccount " + who.Namespace + "/" + who.ServiceAccount}
 	}

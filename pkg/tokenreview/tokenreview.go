@@ -12,7 +12,6 @@ import (
 	"crypto/sha256"
 	"encoding/base64"
 	"encoding/json"
-	"errors"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -170,13 +169,18 @@ func (c *Cache) ttl(r Result, token string, now time.Time) time.Duration {
 	return max(ttl, 0)
 }
 
+// evict drops the expired entries, then arbitrary live ones (map order is random) until at
+// most keep remain.
 func (c *Cache) evict(now time.Time, keep int) {
 	for k, e := range c.entries {
-		if len(c.entries) <= keep || !now.Before(e.expires) {
+		if !now.Before(e.expires) {
 			delete(c.entries, k)
-			continue
 		}
-		// Map order is random: this drops arbitrary live entries until half remain.
+	}
+	for k := range c.entries {
+		if len(c.entries) <= keep {
+			return
+		}
 		delete(c.entries, k)
 	}
 }
@@ -248,6 +252,3 @@ func Expiry(token string) (time.Time, bool) {
 	}
 	return time.Unix(n, 0), true
 }
-
-// ErrNoToken is returned by FromHeader when the header carries no token.
-var ErrNoToken = errors.New("no bearer token")
