@@ -17,7 +17,6 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
-	"net/netip"
 	"os"
 	"strconv"
 	"strings"
@@ -109,27 +108,9 @@ func Settings(c *Config) *settings.Set {
 		c.Inject.ProxyUID, c.Inject.ProxyGID = n, n
 		return nil
 	})
-	s.Func("INJECT_REDIRECT_PORT", "", strconv.Itoa(contract.TransparentPort), "the sidecar's transparent port", func(v string) error {
-		p, err := settings.ParsePort(v)
-		c.Inject.RedirectPort = int32(p)
-		return err
-	})
-	s.Func("INJECT_EXCLUDE_CIDRS", "", "", "destinations the capture leaves alone (platform configuration only)", func(v string) error {
-		var ps []netip.Prefix
-		err := (&settings.Set{}).Prefixes(&ps, "x", "", "", "").Parse(v)
-		for _, p := range ps {
-			c.Inject.ExcludeCIDRs = append(c.Inject.ExcludeCIDRs, p.String())
-		}
-		return err
-	})
-	s.Func("INJECT_EXCLUDE_PORTS", "", "", "destination TCP ports the capture leaves alone", func(v string) error {
-		var ps []uint16
-		err := (&settings.Set{}).Ports(&ps, "x", "", "", "").Parse(v)
-		for _, p := range ps {
-			c.Inject.ExcludePorts = append(c.Inject.ExcludePorts, int32(p))
-		}
-		return err
-	})
+	s.Port(&c.Inject.RedirectPort, "INJECT_REDIRECT_PORT", "", strconv.Itoa(contract.TransparentPort), "the sidecar's transparent port")
+	s.Prefixes(&c.Inject.ExcludeCIDRs, "INJECT_EXCLUDE_CIDRS", "", "", "destinations the capture leaves alone (platform configuration only)")
+	s.Ports(&c.Inject.ExcludePorts, "INJECT_EXCLUDE_PORTS", "", "", "destination TCP ports the capture leaves alone")
 	s.OneOf(&c.Inject.UDPPolicy, []string{"drop", "reject", "allow"}, "INJECT_UDP_POLICY", "", "drop", "non-DNS UDP from captured pods")
 	s.OneOf(&c.NativeMode, []string{"auto", "true", "false"}, "INJECT_NATIVE_SIDECAR", "", "auto", "inject a native sidecar (auto: API server 1.29 or later)")
 	s.Func("INJECT_SIDECAR_RESOURCES", "", "cpu=20m,memory=32Mi;memory=128Mi", "the sidecar's requests;limits", func(v string) error {

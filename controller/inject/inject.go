@@ -15,6 +15,7 @@ import (
 	"encoding/hex"
 	"encoding/json"
 	"fmt"
+	"net/netip"
 	"slices"
 	"strconv"
 	"strings"
@@ -50,9 +51,9 @@ type Config struct {
 	ControlPlaneCA  string // PEM of the CA the control plane's certificate chains to
 	ProxyUID        int64
 	ProxyGID        int64
-	RedirectPort    int32
-	ExcludeCIDRs    []string
-	ExcludePorts    []int32
+	RedirectPort    uint16
+	ExcludeCIDRs    []netip.Prefix
+	ExcludePorts    []uint16
 	UDPPolicy       string // drop, reject or allow
 	NativeSidecar   bool   // API server 1.29 or later
 	TokenSeconds    int64  // projected token lifetime (default 3600)
@@ -199,7 +200,11 @@ func (cfg Config) initContainer() corev1.Container {
 		"--udp-policy", cfg.UDPPolicy,
 	}
 	if len(cfg.ExcludeCIDRs) > 0 {
-		args = append(args, "--exclude-cidrs", strings.Join(cfg.ExcludeCIDRs, ","))
+		cidrs := make([]string, len(cfg.ExcludeCIDRs))
+		for i, p := range cfg.ExcludeCIDRs {
+			cidrs[i] = p.String()
+		}
+		args = append(args, "--exclude-cidrs", strings.Join(cidrs, ","))
 	}
 	if len(cfg.ExcludePorts) > 0 {
 		ports := make([]string, len(cfg.ExcludePorts))

@@ -2,6 +2,7 @@ package inject
 
 import (
 	"flag"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"strings"
@@ -24,8 +25,8 @@ func testConfig() Config {
 		ProxyUID:        15337,
 		ProxyGID:        15337,
 		RedirectPort:    15001,
-		ExcludeCIDRs:    []string{"10.96.0.1/32"},
-		ExcludePorts:    []int32{5432},
+		ExcludeCIDRs:    []netip.Prefix{netip.MustParsePrefix("10.96.0.1/32")},
+		ExcludePorts:    []uint16{5432},
 		UDPPolicy:       "drop",
 		NativeSidecar:   true,
 		Resources: corev1.ResourceRequirements{

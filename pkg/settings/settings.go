@@ -32,9 +32,6 @@ type Setting struct {
 	isBool bool
 }
 
-// Parse applies the setting's parser to v, as Load would.
-func (st *Setting) Parse(v string) error { return st.parse(v) }
-
 // Set is an ordered collection of settings.
 type Set struct {
 	list []*Setting
