@@ -24,7 +24,6 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
-	"github.com/prometheus/client_golang/prometheus/promhttp"
 	authnv1 "k8s.io/api/authentication/v1"
 	corev1 "k8s.io/api/core/v1"
 	"k8s.io/apimachinery/pkg/api/resource"
@@ -206,8 +205,13 @@ func Run(ctx context.Context, cfg Config, out io.Writer) error {
 	tlsConfig := &tls.Config{GetCertificate: certs.GetCertificate, MinVersion: tls.VersionTLS12,
 		NextProtos: []string{"http/1.1"}}
 	admin := &http.Server{
-		Addr:              net.JoinHostPort(cfg.ListenAddr, strconv.Itoa(int(cfg.MetricsPort))),
-		Handler:           adminMux(reg, ps.Ready),
+		Addr: net.JoinHostPort(cfg.ListenAddr, strconv.Itoa(int(cfg.MetricsPort))),
+		Handler: metrics.AdminMux(reg, ps.Ready, func() string {
+			if !ps.Ready() {
+				return "no policy loaded"
+			}
+			return ""
+		}),
 		ReadHeaderTimeout: 5 * time.Second,
 		ReadTimeout:       10 * time.Second,
 		WriteTimeout:      30 * time.Second,
@@ -258,20 +262,6 @@ func Run(ctx context.Context, cfg Config, out io.Writer) error {
 	}
 	admin.Shutdown(sctx)
 	return nil
-}
-
-func adminMux(reg *prometheus.Registry, ready func() bool) *http.ServeMux {
-	mux := http.NewServeMux()
-	mux.HandleFunc("GET /health", func(w http.ResponseWriter, _ *http.Request) { io.WriteString(w, "ok\n") })
-	mux.HandleFunc("GET /ready", func(w http.ResponseWriter, _ *http.Request) {
-		if !ready() {
-			http.Error(w, "not ready: no policy loaded", http.StatusServiceUnavailable)
-			return
-		}
-		io.WriteString(w, "ready\n")
-	})
-	mux.Handle("GET /metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{Registry: reg}))
-	return mux
 }
 
 type webhookServer struct {

@@ -8,6 +8,7 @@
 package metrics
 
 import (
+	"io"
 	"log/slog"
 	"net/http"
 
@@ -110,11 +111,6 @@ func New() *Metrics {
 	return m
 }
 
-// Handler serves the registry in the Prometheus text format.
-func (m *Metrics) Handler() http.Handler {
-	return promhttp.HandlerFor(m.Registry, promhttp.HandlerOpts{Registry: m.Registry})
-}
-
 // PolicyLoaded records a successful load of the policy with the given hash and the number
 // of destinations per identity. Identities that disappeared lose their series.
 func (m *Policy) PolicyLoaded(hash string, destinations map[string]int) {
@@ -148,4 +144,27 @@ func (m *Policy) Observe(log *slog.Logger, p *policy.Policy, err error) {
 	}
 	m.PolicyLoaded(p.Hash, counts)
 	log.Info("policy loaded", "path", p.Source, "hash", p.Hash, "identities", len(counts))
+}
+
+// AdminMux serves /health (the process is up), /ready (ready reports true; note, when not
+// empty, is a line for the body either way) and /metrics from reg: the admin endpoints of the
+// proxy and of the control plane.
+func AdminMux(reg *prometheus.Registry, ready func() bool, note func() string) *http.ServeMux {
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /health", func(w http.ResponseWriter, _ *http.Request) {
+		io.WriteString(w, "ok\n")
+	})
+	mux.HandleFunc("GET /ready", func(w http.ResponseWriter, _ *http.Request) {
+		n := note()
+		if n != "" {
+			n = "\n" + n
+		}
+		if !ready() {
+			http.Error(w, "not ready"+n, http.StatusServiceUnavailable)
+			return
+		}
+		io.WriteString(w, "ready"+n+"\n")
+	})
+	mux.Handle("GET /metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{Registry: reg}))
+	return mux
 }

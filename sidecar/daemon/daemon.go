@@ -114,7 +114,11 @@ func Run(ctx context.Context, cfg Config, out io.Writer) error {
 	}
 
 	var draining atomic.Bool
-	admin := adminServer(cfg, adminMux(m, func() bool { return source.Current() != nil && !draining.Load() }, source.Status))
+	// Ready: a policy is loaded and not draining. A control-plane outage after the first
+	// policy does not make the pod unready (its last good policy is enforced); it shows in
+	// the body of /ready.
+	ready := func() bool { return source.Current() != nil && !draining.Load() }
+	admin := adminServer(cfg, metrics.AdminMux(m.Registry, ready, source.Status))
 	bg, stopBG := context.WithCancel(context.Background())
 	defer stopBG()
 	go source.Run(bg)
@@ -155,31 +159,6 @@ func Run(ctx context.Context, cfg Config, out io.Writer) error {
 	shutdownCtx, cancel2 := context.WithTimeout(context.Background(), time.Second)
 	defer cancel2()
 	return admin.Shutdown(shutdownCtx)
-}
-
-// adminMux serves /health (the process is up), /ready (a policy is loaded and the proxy is not
-// draining) and /metrics.
-//
-// A control-plane outage after the first policy does not make the pod unready (its last good
-// policy is enforced); it shows in the body of /ready.
-func adminMux(m *metrics.Metrics, ready func() bool, status func() string) *http.ServeMux {
-	mux := http.NewServeMux()
-	mux.HandleFunc("GET /health", func(w http.ResponseWriter, _ *http.Request) {
-		io.WriteString(w, "ok\n")
-	})
-	mux.HandleFunc("GET /ready", func(w http.ResponseWriter, _ *http.Request) {
-		note := status()
-		if note != "" {
-			note = "\n" + note
-		}
-		if !ready() {
-			http.Error(w, "not ready"+note, http.StatusServiceUnavailable)
-			return
-		}
-		io.WriteString(w, "ready"+note+"\n")
-	})
-	mux.Handle("GET /metrics", m.Handler())
-	return mux
 }
 
 // refreshOwnAddrs keeps the proxy's own addresses current: a pod or node gains and loses

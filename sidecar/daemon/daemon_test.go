@@ -29,7 +29,7 @@ func startAdmin(t *testing.T, lim AdminLimits) string {
 	if err != nil {
 		t.Fatal(err)
 	}
-	srv := adminServer(cfg, adminMux(metrics.New(), func() bool { return true }, func() string { return "" }))
+	srv := adminServer(cfg, metrics.AdminMux(metrics.New().Registry, func() bool { return true }, func() string { return "" }))
 	go srv.Serve(ln)
 	t.Cleanup(func() { srv.Close() })
 	return ln.Addr().String()

@@ -277,7 +277,12 @@ func (s *Server) revalidateOnPolicyChange() {
 }
 
 // decide runs the decision with its own budget for name resolution (the dial gets another).
+// An address target resolves nothing, so it gets no timer: most tunnels name an IP or come
+// from a captured connection without a name.
 func (s *Server) decide(id *policy.Identity, t decision.Target, known *decision.KnownAddrs) decision.Verdict {
+	if !t.IsName() {
+		return s.decider.Decide(context.Background(), id, t, known)
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), s.cfg.DialTimeout)
 	defer cancel()
 	return s.decider.Decide(ctx, id, t, known)
