@@ -18,6 +18,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/egress-guard/egress-guard/pkg/addrclass"
 	"github.com/egress-guard/egress-guard/pkg/metrics"
 )
 
@@ -372,5 +373,41 @@ func TestListenersRefuseMultipathTCP(t *testing.T) {
 			}
 			sc.Close()
 		}
+	}
+}
+
+// The proxy's own addresses are refreshed while it runs: an address the host has is Self
+// after a refresh even though the classifier started without it.
+func TestRefreshOwnAddrs(t *testing.T) {
+	own, err := ownAddrs()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var addr netip.Addr
+	for _, a := range own {
+		if !a.IsLoopback() {
+			addr = a
+			break
+		}
+	}
+	if !addr.IsValid() {
+		t.Skip("this machine has no address but loopback")
+	}
+	c := addrclass.New(nil, nil)
+	if class, _ := c.Classify(addr); class == addrclass.Self {
+		t.Fatal("Self before any refresh")
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	go refreshOwnAddrs(ctx, c, slog.New(slog.DiscardHandler), 10*time.Millisecond)
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		if class, _ := c.Classify(addr); class == addrclass.Self {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s never became Self", addr)
+		}
+		time.Sleep(10 * time.Millisecond)
 	}
 }

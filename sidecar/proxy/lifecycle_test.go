@@ -461,3 +461,39 @@ func TestExpectContinueIsRelayed(t *testing.T) {
 		t.Fatalf("final response %d %q", resp.StatusCode, b)
 	}
 }
+
+// A keep-alive client connection that stays idle between requests is closed after
+// KEEPALIVE_TIMEOUT, and writes no line (there was no request to log).
+func TestKeepAliveTimeoutClosesIdleClients(t *testing.T) {
+	up := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, "ok") }))
+	defer up.Close()
+	f := startWith(t, loopPolicy, func(c *Config) { c.KeepAliveTimeout = 200 * time.Millisecond })
+	c, err := net.Dial("tcp", f.addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	mark := f.logs.mark()
+	fmt.Fprintf(c, "GET %s/ HTTP/1.1\r\nHost: x\r\nProxy-Authorization: %s\r\n\r\n", up.URL, basic("k1"))
+	br := bufio.NewReader(c)
+	resp, err := http.ReadResponse(br, nil)
+	if err != nil || resp.StatusCode != 200 {
+		t.Fatalf("%v %v", resp, err)
+	}
+	io.ReadAll(resp.Body)
+	start := time.Now()
+	c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if _, err := br.ReadByte(); err != io.EOF {
+		t.Fatalf("idle keep-alive connection: %v, want EOF", err)
+	}
+	if d := time.Since(start); d > 2*time.Second {
+		t.Fatalf("closed after %v, want about 200ms", d)
+	}
+	time.Sleep(50 * time.Millisecond)
+	if n := len(f.logs.records(mark, "decision")); n != 1 {
+		t.Fatalf("%d decision lines, want 1 (the one request)", n)
+	}
+	if n := len(f.logs.records(mark, "close")); n != 1 {
+		t.Fatalf("%d close lines, want 1", n)
+	}
+}
