@@ -68,13 +68,7 @@ type Config struct {
 // Settings declares the control plane's settings (environment variables, also flags).
 func Settings(c *Config) *settings.Set {
 	var s settings.Set
-	s.Func("LISTEN_ADDR", "listen-addr", "", "IP address to bind both listeners to", func(v string) error {
-		if net.ParseIP(v) == nil {
-			return errors.New("want an IP address")
-		}
-		c.ListenAddr = v
-		return nil
-	})
+	s.Addr(&c.ListenAddr, "LISTEN_ADDR", "listen-addr", "", "IP address to bind both listeners to")
 	s.Port(&c.Port, "PORT", "port", "8443", "HTTPS port of the sidecars' policy endpoint")
 	s.Port(&c.MetricsPort, "METRICS_PORT", "metrics-port", "9090", "/health, /ready and /metrics port")
 	s.String(&c.CertFile, "TLS_CERT_FILE", "tls-cert-file", "/etc/egress-guard/tls/tls.crt", "serving certificate (reloaded when it changes)")

@@ -34,30 +34,28 @@ NOFILE=$(ulimit -Hn)
 if [ "$NOFILE" = unlimited ] || [ "$NOFILE" -gt 65536 ]; then NOFILE=65536; fi
 ulimit -n "$NOFILE"
 
-EG_LOG="$OUT/egress-guard.log"
-[ "${LOGS:-file}" = off ] && EG_LOG=/dev/null
-PROXY_PORT=$EG_PORT METRICS_PORT=$EG_METRICS LISTEN_ADDR=127.0.0.1 CONFIGMAP_PATH="$OUT/bench-policy.yaml" \
-  MAX_TUNNELS=30000 LOG_LEVEL=INFO "$ROOT/bin/egress-guard" >"$EG_LOG" 2>&1 &
-EG_PID=$!
-trap 'kill -TERM $EG_PID 2>/dev/null || true; wait $EG_PID 2>/dev/null || true' EXIT
-for _ in $(seq 1 100); do
-  curl -fsS "http://127.0.0.1:$EG_METRICS/ready" >/dev/null 2>&1 && break
-  kill -0 $EG_PID 2>/dev/null || { echo "bench-peers: egress-guard exited; log:" >&2; cat "$EG_LOG" >&2; exit 1; }
-  sleep 0.1
-done
-
-EXTRA="egress-guard=127.0.0.1:$EG_PORT@$EG_PID"
-if [ -n "${BASELINE_BIN:-}" ]; then
-  BASE_PORT=$((EG_PORT + 1)); BASE_METRICS=$((EG_METRICS + 1))
-  PROXY_PORT=$BASE_PORT METRICS_PORT=$BASE_METRICS LISTEN_ADDR=127.0.0.1 CONFIGMAP_PATH="$OUT/bench-policy.yaml" \
-    MAX_TUNNELS=30000 LOG_LEVEL=INFO "$BASELINE_BIN" >"$OUT/eg-baseline.log" 2>&1 &
-  BASE_PID=$!
-  trap 'kill -TERM $EG_PID $BASE_PID 2>/dev/null || true; wait $EG_PID $BASE_PID 2>/dev/null || true' EXIT
+# start_eg BIN PORT METRICS_PORT LOG: runs one egress-guard on the bench policy and waits
+# until it is ready; its pid is left in STARTED_PID.
+start_eg() {
+  PROXY_PORT=$2 METRICS_PORT=$3 LISTEN_ADDR=127.0.0.1 CONFIGMAP_PATH="$OUT/bench-policy.yaml" \
+    MAX_TUNNELS=30000 LOG_LEVEL=INFO "$1" >"$4" 2>&1 &
+  STARTED_PID=$!
+  PIDS_TO_STOP="${PIDS_TO_STOP:-} $STARTED_PID"
   for _ in $(seq 1 100); do
-    curl -fsS "http://127.0.0.1:$BASE_METRICS/ready" >/dev/null 2>&1 && break
+    curl -fsS "http://127.0.0.1:$3/ready" >/dev/null 2>&1 && return 0
+    kill -0 "$STARTED_PID" 2>/dev/null || { echo "bench-peers: $1 exited; log:" >&2; cat "$4" >&2; exit 1; }
     sleep 0.1
   done
-  EXTRA="$EXTRA eg-baseline=127.0.0.1:$BASE_PORT@$BASE_PID"
+}
+trap 'kill -TERM $PIDS_TO_STOP 2>/dev/null || true; wait $PIDS_TO_STOP 2>/dev/null || true' EXIT
+
+EG_LOG="$OUT/egress-guard.log"
+[ "${LOGS:-file}" = off ] && EG_LOG=/dev/null
+start_eg "$ROOT/bin/egress-guard" "$EG_PORT" "$EG_METRICS" "$EG_LOG"
+EXTRA="egress-guard=127.0.0.1:$EG_PORT@$STARTED_PID"
+if [ -n "${BASELINE_BIN:-}" ]; then
+  start_eg "$BASELINE_BIN" $((EG_PORT + 1)) $((EG_METRICS + 1)) "$OUT/eg-baseline.log"
+  EXTRA="$EXTRA eg-baseline=127.0.0.1:$((EG_PORT + 1))@$STARTED_PID"
 fi
 EXTRA="$EXTRA" "$BENCHDIR/run-peers.sh"
 

@@ -294,23 +294,11 @@ func parseRule(ps *problems, n *yaml.Node, identity string, opts Options) *Rule 
 			case "destination":
 				dest = v
 			case "tls":
-				if v.Kind != yaml.ScalarNode || (v.Value != "required" && v.Value != "optional") {
-					ps.add(v.Line, identity, v.Value, "tls must be required or optional")
-					return
-				}
-				tlsOptional = v.Value == "optional"
+				tlsOptional = oneOf(ps, v, identity, "tls", "required", "optional") == "optional"
 			case "ech":
-				if v.Kind != yaml.ScalarNode || (v.Value != "allow" && v.Value != "deny") {
-					ps.add(v.Line, identity, v.Value, "ech must be allow or deny")
-					return
-				}
-				allowECH = v.Value == "allow"
+				allowECH = oneOf(ps, v, identity, "ech", "allow", "deny") == "allow"
 			case "allow_internal":
-				if v.Kind != yaml.ScalarNode || (v.Value != "true" && v.Value != "false") {
-					ps.add(v.Line, identity, v.Value, "allow_internal must be true or false")
-					return
-				}
-				allowInternal = v.Value == "true"
+				allowInternal = oneOf(ps, v, identity, "allow_internal", "true", "false") == "true"
 			case "ports":
 				portsGiven = true
 				for _, pn := range sequence(ps, v, identity, "ports") {
@@ -354,6 +342,15 @@ func parseRule(ps *problems, n *yaml.Node, identity string, opts Options) *Rule 
 		ps.add(n.Line, identity, "", "a destination must be a string or an object")
 		return nil
 	}
+}
+
+// oneOf reads a two-valued option of a rule: a or b, or "" and a problem for anything else.
+func oneOf(ps *problems, v *yaml.Node, identity, field, a, b string) string {
+	if v.Kind != yaml.ScalarNode || (v.Value != a && v.Value != b) {
+		ps.add(v.Line, identity, v.Value, "%s must be %s or %s", field, a, b)
+		return ""
+	}
+	return v.Value
 }
 
 func underAny(host string, domains []string) bool {

@@ -72,6 +72,17 @@ func (s *Set) Port(dst *uint16, env, flagName, def, usage string) *Setting {
 	})
 }
 
+// Addr declares an IP address (kept as text, ready for net.JoinHostPort).
+func (s *Set) Addr(dst *string, env, flagName, def, usage string) *Setting {
+	return s.Func(env, flagName, def, usage, func(v string) error {
+		if _, err := netip.ParseAddr(v); err != nil {
+			return errors.New("want an IP address")
+		}
+		*dst = v
+		return nil
+	})
+}
+
 // Duration declares a positive Go duration (30s, 500ms).
 func (s *Set) Duration(dst *time.Duration, env, flagName, def, usage string) *Setting {
 	return s.Func(env, flagName, def, usage, func(v string) error {

@@ -157,20 +157,8 @@ func Settings(c *Config, mode string) *settings.Set {
 	s.String(&c.PolicyPath, contract.EnvPolicyPath, "", "/etc/config/egress-policy.yaml", "policy file")
 	s.SecondsOrDuration(&c.WatchInterval, "WATCH_INTERVAL", "", "5", "policy poll interval: seconds, or a duration such as 500ms")
 	s.LogLevel(&c.LogLevel, "LOG_LEVEL", "", "INFO")
-	s.Func("LISTEN_ADDR", "", "", "gateway: IP address to bind the proxy listener (and the admin listener unless ADMIN_ADDR is set) to; not allowed in sidecar mode", func(v string) error {
-		if _, err := netip.ParseAddr(v); err != nil {
-			return errors.New("want an IP address")
-		}
-		c.ListenAddr = v
-		return nil
-	})
-	s.Func("ADMIN_ADDR", "", "", "IP address to bind the admin listener (/health, /ready, /metrics) to; unset: LISTEN_ADDR in gateway mode, all addresses in sidecar mode", func(v string) error {
-		if _, err := netip.ParseAddr(v); err != nil {
-			return errors.New("want an IP address")
-		}
-		c.AdminAddr = v
-		return nil
-	})
+	s.Addr(&c.ListenAddr, "LISTEN_ADDR", "", "", "gateway: IP address to bind the proxy listener (and the admin listener unless ADMIN_ADDR is set) to; not allowed in sidecar mode")
+	s.Addr(&c.AdminAddr, "ADMIN_ADDR", "", "", "IP address to bind the admin listener (/health, /ready, /metrics) to; unset: LISTEN_ADDR in gateway mode, all addresses in sidecar mode")
 	s.String(&c.Resolver, "RESOLVER", "", "", "DNS server host:port used to resolve destinations")
 	s.Ports(&c.TLSPorts, "TLS_PORTS", "", "443,8443", "CONNECT ports whose tunnels must start with a matching ClientHello")
 	s.Prefixes(&c.InternalCIDRs, "INTERNAL_CIDRS", "", "", "extra internal ranges")
