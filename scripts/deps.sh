@@ -3,6 +3,8 @@
 # Usage: scripts/deps.sh [extra packages...]
 set -euo pipefail
 pkgs=(iptables dnsmasq-base curl iproute2 ca-certificates "$@")
+# A real single-node Kubernetes (kubelet on containerd) and the image builds (buildah, debootstrap).
+pkgs+=(containerd runc containernetworking-plugins busybox-static buildah debootstrap)
 # A JDK runs a real Java client in the e2e tests (source-file mode needs javac's modules).
 command -v javac >/dev/null 2>&1 || pkgs+=(default-jdk-headless)
 missing=()

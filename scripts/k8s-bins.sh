@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
-# Builds the Kubernetes control-plane binaries used by internal/kubelab tests
-# (etcd, kube-apiserver, kubectl, kube-controller-manager) from the nested
+# Builds the Kubernetes binaries used by internal/kubelab tests (etcd,
+# kube-apiserver, kubectl, kube-controller-manager, kube-scheduler, kubelet,
+# kube-proxy) from the nested
 # module tools/k8s, once, into a cache outside the clone:
 #
 #   ${EGRESS_GUARD_CACHE:-$HOME/.cache/egress-guard}/k8s-v1.37.2/
 #
 # Prints that directory on stdout (progress goes to stderr). When all the
 # binaries are already there it exits at once, without invoking go.
-# A cold build takes about 5-8 minutes on 2 cores and needs about 6 GB of
+# A cold build takes about 12-15 minutes on a quiet 2-core machine and needs about 6 GB of
 # GOCACHE + GOMODCACHE; only the ~330 MB of binaries are kept in the cache.
 #
 # Usage: export KUBE_BIN_DIR=$(scripts/k8s-bins.sh)
@@ -15,7 +16,7 @@ set -euo pipefail
 
 K8S_VERSION=v1.37.2
 K8S_MINOR=37
-BINS=(etcd kube-apiserver kubectl kube-controller-manager)
+BINS=(etcd kube-apiserver kubectl kube-controller-manager kube-scheduler kubelet kube-proxy)
 
 root="${EGRESS_GUARD_CACHE:-${HOME:?HOME is not set}/.cache/egress-guard}"
 dir="$root/k8s-$K8S_VERSION"
@@ -56,7 +57,7 @@ for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
   ldf="$ldf -X $pkg.gitTreeState=clean"
 done
 
-echo "k8s-bins: building ${BINS[*]} $K8S_VERSION into $dir (cold: about 5-8 min)..." >&2
+echo "k8s-bins: building ${BINS[*]} $K8S_VERSION into $dir (cold: about 12-15 min)..." >&2
 start=$(date +%s)
 (
   cd "$tools"
@@ -64,7 +65,10 @@ start=$(date +%s)
     go.etcd.io/etcd/server/v3 \
     k8s.io/kubernetes/cmd/kube-apiserver \
     k8s.io/kubernetes/cmd/kubectl \
-    k8s.io/kubernetes/cmd/kube-controller-manager
+    k8s.io/kubernetes/cmd/kube-controller-manager \
+    k8s.io/kubernetes/cmd/kube-scheduler \
+    k8s.io/kubernetes/cmd/kubelet \
+    k8s.io/kubernetes/cmd/kube-proxy
 ) >&2
 mv "$tmp/server" "$tmp/etcd" # go names etcd's binary after its package path (.../server/v3)
 for b in "${BINS[@]}"; do

@@ -19,12 +19,21 @@ KUBE_BIN_DIR=$(scripts/k8s-bins.sh)
 HELM_BIN=$(scripts/helm-bin.sh)
 export KUBE_BIN_DIR HELM_BIN
 echo "$KUBE_BIN_DIR, $HELM_BIN ($(( $(date +%s) - start ))s)"
+echo "== container images (buildah, no Docker; cached outside the clone, rebuilt when the sources change)"
+if [ "$(id -u)" = 0 ] || [ "${CI:-}" = true ]; then
+  start=$(date +%s)
+  EGRESS_GUARD_IMAGES=$(scripts/images.sh)
+  export EGRESS_GUARD_IMAGES
+  echo "$EGRESS_GUARD_IMAGES ($(( $(date +%s) - start ))s)"
+else
+  echo "skipped: buildah needs root (the image tests skip too)"
+fi
 echo "== unit tests (every package but e2e/)"
 mapfile -t unit < <(go list ./... | grep -v -E '/e2e(/|$)')
 go test -count=1 -race "${unit[@]}"
 echo "== e2e tests (e2e/...)"
 log=$(mktemp /tmp/egress-guard-e2e.XXXXXX.log)
-if ! go test -count=1 -timeout 15m -v ./e2e/... >"$log" 2>&1; then
+if ! go test -count=1 -timeout 25m -v ./e2e/... >"$log" 2>&1; then
   grep -vE '^=== (RUN|PAUSE|CONT)' "$log" | tail -150
   echo "e2e failed; full log: $log"
   exit 1

@@ -290,9 +290,18 @@ func refuseV6(v6 capture.IPv6Presence, err error) error {
 	return fmt.Errorf("%s but ip6tables could not be programmed: %v; refusing to leave IPv6 egress uncaptured", where, err)
 }
 
-// probeUser picks an ordinary user for the self-test's client, distinct from the proxy's.
+// probeUser picks the user of the self-test's client: this program's own (root in the init
+// container), whose traffic the rules capture like any app's since only the proxy's UID is
+// exempt. Switching to another user would need CAP_SETUID and CAP_SETGID, which the
+// injected init container does not have (only NET_ADMIN and NET_RAW). Only when this
+// program runs as the proxy's own UID (exempt, so never redirected) does the client switch
+// to an ordinary user.
 func probeUser(c capture.Config) (uint32, uint32) {
-	uid, gid := uint32(65534), uint32(65534)
+	uid, gid := uint32(os.Getuid()), uint32(os.Getgid())
+	if uid != c.ProxyUID {
+		return uid, gid
+	}
+	uid, gid = 65534, 65534
 	if c.ProxyUID == uid {
 		uid, gid = 65533, 65533
 	}

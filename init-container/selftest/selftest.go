@@ -33,7 +33,8 @@ const ClientFlag = "--self-test-client"
 var ErrPortBusy = errors.New("the redirect port is already in use")
 
 // Run listens on the redirect port on loopback, has a child process running as uid/gid
-// connect to probe, and checks the original destination of what arrives.
+// connect to probe, and checks the original destination of what arrives. The child keeps
+// this process's credentials when uid/gid are its own (no CAP_SETUID needed).
 func Run(self string, redirectPort uint16, probe netip.AddrPort, uid, gid uint32) error {
 	host := "127.0.0.1"
 	if probe.Addr().Is6() {
@@ -49,7 +50,9 @@ func Run(self string, redirectPort uint16, probe netip.AddrPort, uid, gid uint32
 	defer ln.Close()
 
 	cmd := exec.Command(self, ClientFlag, probe.String())
-	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: uid, Gid: gid}}
+	if uid != uint32(os.Getuid()) || gid != uint32(os.Getgid()) {
+		cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: uid, Gid: gid}}
+	}
 	out := make(chan error, 1)
 	go func() {
 		b, err := cmd.CombinedOutput()

@@ -94,6 +94,10 @@ type Cluster struct {
 	client     kubernetes.Interface
 	clientErr  error
 
+	// wrap prefixes every process's command line: nsenter into a node's
+	// namespaces (see StartNode); empty runs them here.
+	wrap []string
+
 	procsMu  sync.Mutex
 	procs    []*proc // in start order; stopped in reverse
 	stopOnce sync.Once
@@ -328,10 +332,11 @@ func (c *Cluster) writePKI(serviceCIDR string) error {
 		return err
 	}
 	c.kubeconfig = filepath.Join(c.dir, "admin.kubeconfig")
-	return os.WriteFile(c.kubeconfig, []byte(c.kubeconfigYAML()), 0o600)
+	return os.WriteFile(c.kubeconfig, []byte(kubeconfigYAML(c.url, c.ca.certPEM, c.adminCertPEM, c.adminKeyPEM)), 0o600)
 }
 
-func (c *Cluster) kubeconfigYAML() string {
+// kubeconfigYAML is a kubeconfig for one user of the cluster at server.
+func kubeconfigYAML(server string, caPEM, certPEM, keyPEM []byte) string {
 	b64 := base64.StdEncoding.EncodeToString
 	return fmt.Sprintf(`apiVersion: v1
 kind: Config
@@ -352,7 +357,7 @@ contexts:
     user: admin
     namespace: default
 current-context: kubelab
-`, c.url, b64(c.ca.certPEM), b64(c.adminCertPEM), b64(c.adminKeyPEM))
+`, server, b64(caPEM), b64(certPEM), b64(keyPEM))
 }
 
 func (c *Cluster) adminHTTPClient() (*http.Client, error) {

@@ -22,6 +22,16 @@ type proc struct {
 }
 
 func (c *Cluster) startProc(name string, args ...string) (*proc, error) {
+	argv := append([]string{filepath.Join(c.binDir, name)}, args...)
+	if len(c.wrap) > 0 {
+		// nsenter execs the binary (no --fork), so Pdeathsig and Kill reach it.
+		argv = append(append([]string{}, c.wrap...), argv...)
+	}
+	return c.startCommand(name, argv...)
+}
+
+// startCommand runs argv as the process called name.
+func (c *Cluster) startCommand(name string, argv ...string) (*proc, error) {
 	logPath := filepath.Join(c.dir, name+".log")
 	f, err := os.Create(logPath)
 	if err != nil {
@@ -31,7 +41,7 @@ func (c *Cluster) startProc(name string, args ...string) (*proc, error) {
 	if c.opts.Output != nil {
 		out = io.MultiWriter(f, c.opts.Output)
 	}
-	cmd := exec.Command(filepath.Join(c.binDir, name), args...)
+	cmd := exec.Command(argv[0], argv[1:]...)
 	cmd.Dir = c.dir
 	cmd.Stdout = out
 	cmd.Stderr = out

@@ -52,13 +52,21 @@ func (lg *Logger) Decision(r *Record) {
 	if !r.Action.Proceeds() {
 		level = slog.LevelWarn
 	}
-	lg.l.LogAttrs(context.Background(), level, "decision", r.common(r.Reason.String())...)
+	if !lg.l.Enabled(context.Background(), level) {
+		return
+	}
+	var buf [maxAttrs]slog.Attr
+	lg.l.LogAttrs(context.Background(), level, "decision", r.appendCommon(buf[:0], r.Reason.String())...)
 }
 
 // Close logs the close line. Its reason is why the connection ended (closed, idle_timeout,
 // drain, ...); the decision's reason is repeated as decision_reason.
 func (lg *Logger) Close(r *Record) {
-	attrs := append(r.common(r.CloseReason.String()),
+	if !lg.l.Enabled(context.Background(), slog.LevelInfo) {
+		return
+	}
+	var buf [maxAttrs]slog.Attr
+	attrs := append(r.appendCommon(buf[:0], r.CloseReason.String()),
 		slog.String("decision_reason", r.Reason.String()),
 		slog.Int64("bytes_up", r.BytesUp),
 		slog.Int64("bytes_down", r.BytesDown),
@@ -67,8 +75,12 @@ func (lg *Logger) Close(r *Record) {
 	lg.l.LogAttrs(context.Background(), slog.LevelInfo, "close", attrs...)
 }
 
-func (r *Record) common(reason string) []slog.Attr {
-	attrs := make([]slog.Attr, 0, 18)
+// maxAttrs bounds the attributes of one line: the close line with every optional field.
+const maxAttrs = 20
+
+// appendCommon appends the attributes both lines share to attrs, which the caller keeps on
+// its stack (a line then costs no slice allocation of its own).
+func (r *Record) appendCommon(attrs []slog.Attr, reason string) []slog.Attr {
 	attrs = append(attrs,
 		slog.Uint64("conn", r.ID),
 		slog.String("listener", r.Listener),

@@ -48,8 +48,9 @@ type Resolver interface {
 // otherwise first be asked as "api.example.com.<namespace>.svc.cluster.local", and whoever
 // answers a name under a search domain would decide where an allowed name's connections go.
 // A single-label name ("localhost", a Service name) is asked as given: the search list and the
-// hosts file are how it resolves at all. (Go's resolver consults the hosts file only for names
-// without the trailing dot, so multi-label hosts-file entries are not used.)
+// hosts file are how it resolves at all. (The resolvers — pkg/resolver, which the proxy uses,
+// and Go's — consult the hosts file only for names without the trailing dot, so multi-label
+// hosts-file entries are not used.)
 func Lookup(ctx context.Context, r Resolver, host string) ([]netip.Addr, error) {
 	if a, err := netip.ParseAddr(host); err == nil {
 		return []netip.Addr{a.Unmap()}, nil
@@ -81,35 +82,115 @@ func Lookup(ctx context.Context, r Resolver, host string) ([]netip.Addr, error) 
 	return out, nil
 }
 
-// attemptFloor is the least time one address gets when several share the timeout.
-const attemptFloor = 2 * time.Second
+// AttemptDelay is RFC 8305's "connection attempt delay": how long one connection attempt
+// has to itself before the next address is tried alongside it.
+const AttemptDelay = 250 * time.Millisecond
 
-// Dial connects to the first address of addrs that accepts, in order. Each attempt gets an
-// equal share of timeout, but at least attemptFloor, and the whole is bounded by timeout and
+// ContextDialer is what Dial needs of a dialer; *net.Dialer is one.
+type ContextDialer interface {
+	DialContext(ctx context.Context, network, address string) (net.Conn, error)
+}
+
+// Dial connects to one of addrs, racing them as Happy Eyeballs (RFC 8305) does: the addresses
+// are tried in the order given but with the families interleaved (the family of addrs[0]
+// first, then the other, and so on), each attempt starting AttemptDelay after the previous one
+// or at once when every attempt in progress has failed. The first connection wins; the others
+// are cancelled (or closed if they connect too). Only addresses of addrs are ever dialed, so a
+// caller that vetted them knows where the connection goes. The whole is bounded by timeout and
 // ctx. It returns a *net.TCPConn so that relaying between two of them uses splice(2).
-func Dial(ctx context.Context, d *net.Dialer, addrs []netip.Addr, port uint16, timeout time.Duration) (*net.TCPConn, netip.AddrPort, error) {
+func Dial(ctx context.Context, d ContextDialer, addrs []netip.Addr, port uint16, timeout time.Duration) (*net.TCPConn, netip.AddrPort, error) {
 	if len(addrs) == 0 {
 		return nil, netip.AddrPort{}, errors.New("dial: no address to dial")
 	}
 	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
-	per := max(timeout/time.Duration(len(addrs)), attemptFloor)
+	order := interleave(addrs)
+
+	type result struct {
+		c   net.Conn
+		ap  netip.AddrPort
+		err error
+	}
+	results := make(chan result, len(order))
+	next, pending := 0, 0
+	start := func() {
+		ap := netip.AddrPortFrom(order[next], port)
+		next++
+		pending++
+		go func() {
+			c, err := d.DialContext(ctx, "tcp", ap.String())
+			results <- result{c, ap, err}
+		}()
+	}
+	delay := time.NewTimer(AttemptDelay)
+	defer delay.Stop()
+	start()
 	var errs []error
-	for _, a := range addrs {
-		if ctx.Err() != nil {
-			errs = append(errs, ctx.Err())
-			break
+	for pending > 0 {
+		var timer <-chan time.Time
+		if next < len(order) {
+			timer = delay.C
 		}
-		ap := netip.AddrPortFrom(a, port)
-		actx, acancel := context.WithTimeout(ctx, per)
-		c, err := d.DialContext(actx, "tcp", ap.String())
-		acancel()
-		if err == nil {
-			return c.(*net.TCPConn), ap, nil
+		select {
+		case r := <-results:
+			pending--
+			var tc *net.TCPConn
+			if r.err == nil {
+				var ok bool
+				if tc, ok = r.c.(*net.TCPConn); !ok {
+					r.c.Close()
+					r.err = fmt.Errorf("dial %s: not a TCP connection", r.ap)
+				}
+			}
+			if r.err == nil {
+				cancel()
+				// Late attempts that connected anyway are closed in the background.
+				go func(n int) {
+					for range n {
+						if l := <-results; l.err == nil {
+							l.c.Close()
+						}
+					}
+				}(pending)
+				return tc, r.ap, nil
+			}
+			errs = append(errs, r.err)
+			if next < len(order) && ctx.Err() == nil {
+				start()
+				delay.Reset(AttemptDelay)
+			}
+		case <-timer:
+			start()
+			delay.Reset(AttemptDelay)
 		}
-		errs = append(errs, err)
 	}
 	return nil, netip.AddrPort{}, &dialError{addrs: addrs, port: port, errs: errs}
+}
+
+// interleave orders addrs by alternating families, starting with the family of addrs[0] and
+// keeping the order within each family (RFC 8305 section 4).
+func interleave(addrs []netip.Addr) []netip.Addr {
+	var first, second []netip.Addr
+	for _, a := range addrs {
+		if a.Is4() == addrs[0].Is4() {
+			first = append(first, a)
+		} else {
+			second = append(second, a)
+		}
+	}
+	if len(second) == 0 {
+		return addrs
+	}
+	out := make([]netip.Addr, 0, len(addrs))
+	for i := 0; i < len(first) || i < len(second); i++ {
+		if i < len(first) {
+			out = append(out, first[i])
+		}
+		if i < len(second) {
+			out = append(out, second[i])
+		}
+	}
+	return out
 }
 
 type dialError struct {

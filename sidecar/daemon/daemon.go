@@ -15,8 +15,8 @@ import (
 
 	"github.com/egress-guard/egress-guard/pkg/accesslog"
 	"github.com/egress-guard/egress-guard/pkg/addrclass"
-	"github.com/egress-guard/egress-guard/pkg/dialer"
 	"github.com/egress-guard/egress-guard/pkg/metrics"
+	"github.com/egress-guard/egress-guard/pkg/resolver"
 	"github.com/egress-guard/egress-guard/sidecar/proxy"
 	"github.com/egress-guard/egress-guard/sidecar/tunnel"
 	"golang.org/x/net/netutil"
@@ -67,7 +67,7 @@ func Run(ctx context.Context, cfg Config, out io.Writer) error {
 	srv, err := proxy.New(proxy.Config{
 		Policy:             source.Current,
 		Classifier:         classifier,
-		Resolver:           dialer.NewResolver(cfg.Resolver),
+		Resolver:           resolver.New(resolver.Config{Server: cfg.Resolver}), // one cache for both listeners
 		Dialer:             &net.Dialer{KeepAlive: 30 * time.Second},
 		Tracker:            tracker,
 		AccessLog:          accesslog.New(log),

@@ -9,8 +9,12 @@ import (
 	"math"
 	"net"
 	"net/http"
+	"os"
 	"strings"
+	"sync"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/egress-guard/egress-guard/pkg/decision"
 	"github.com/egress-guard/egress-guard/pkg/outcome"
@@ -38,7 +42,22 @@ func (s *Server) serveExplicitFrom(ss *session, prefix []byte) {
 	head := &io.LimitedReader{R: src, N: int64(s.cfg.MaxHeaderBytes)}
 	// Large enough that the replayed bytes are buffered whole by the first read: what
 	// follows the head is then in the buffer, and the rest comes from the socket.
-	br := bufio.NewReaderSize(head, max(4096, len(prefix)))
+	var br *bufio.Reader
+	if len(prefix) <= headBufSize {
+		br = headReaders.Get().(*bufio.Reader)
+		br.Reset(head)
+	} else {
+		br = bufio.NewReaderSize(head, len(prefix))
+	}
+	// reuse: nothing but this function reads br any more when it returns (a CONNECT copied
+	// what followed its head; a forwarded request's body may still be read by the transport).
+	reuse := false
+	defer func() {
+		if reuse && br.Size() == headBufSize {
+			br.Reset(nil)
+			headReaders.Put(br)
+		}
+	}()
 	conn.SetReadDeadline(time.Now().Add(s.cfg.HeaderTimeout))
 	for first := true; ; first = false {
 		if !first {
@@ -63,15 +82,23 @@ func (s *Server) serveExplicitFrom(ss *session, prefix []byte) {
 			default:
 				ss.refuse(decision.Refuse(outcome.MalformedRequest), "malformed request: "+shortErr(err))
 			}
+			reuse = true
 			return
 		}
 		conn.SetReadDeadline(time.Time{})
 		head.N = math.MaxInt64 // the head was bounded; a forwarded request body is not
 		if !s.serveRequest(ss, br, req) {
+			reuse = req.Method == http.MethodConnect
 			return
 		}
 	}
 }
+
+// headBufSize is the buffer of a request head, taken from headReaders: every explicit
+// connection needs one, and most (CONNECT) only until the head is parsed.
+const headBufSize = 4096
+
+var headReaders = sync.Pool{New: func() any { return bufio.NewReaderSize(nil, headBufSize) }}
 
 // serveRequest authenticates and decides one request, then runs its CONNECT tunnel or
 // forwards it. It reports whether the connection may carry another request.
@@ -133,7 +160,7 @@ func (s *Server) connect(ss *session, br *bufio.Reader, id *policy.Identity, t d
 		// The SNI can only be read once the client believes the tunnel is open; the
 		// upstream is still not dialed, so a mismatch reaches nobody.
 		ss.tunnelOpen()
-		if err := writeConnected(conn); err != nil {
+		if err := sendConnected(conn); err != nil {
 			ss.decide(v)
 			ss.end(outcome.Reset, 0, 0)
 			return
@@ -174,7 +201,7 @@ func (s *Server) connect(ss *session, br *bufio.Reader, id *policy.Identity, t d
 	}
 	if !checkSNI {
 		ss.tunnelOpen()
-		if err := writeConnected(conn); err != nil {
+		if err := sendConnected(conn); err != nil {
 			ss.end(outcome.Reset, 0, 0)
 			return
 		}
@@ -183,6 +210,40 @@ func (s *Server) connect(ss *session, br *bufio.Reader, id *policy.Identity, t d
 	ss.watchPolicy(t)
 	up, down, reason := ss.tc.Relay(prefix)
 	ss.end(reason, up, down)
+}
+
+// connectedLine is the answer that opens a CONNECT tunnel.
+var connectedLine = []byte("HTTP/1.1 200 Connection established\r\n\r\n")
+
+// sendConnected writes the 200 to a CONNECT client, as writeConnected does. The send buffer
+// of a client socket that has had (next to) nothing written to it takes these 39 bytes at
+// once, so a single write(2) is tried first, without the write deadline (two timer updates
+// per tunnel). Only a short or refused write, from a client that does not read, falls back to
+// a blocking write under writeTimeout.
+func sendConnected(conn *net.TCPConn) error {
+	rc, err := conn.SyscallConn()
+	if err != nil {
+		return err
+	}
+	var n int
+	var werr error
+	if err := rc.Write(func(fd uintptr) bool {
+		n, werr = unix.Write(int(fd), connectedLine)
+		return true
+	}); err != nil {
+		return err
+	}
+	switch {
+	case werr == nil && n == len(connectedLine):
+		return nil
+	case werr != nil && werr != unix.EAGAIN && werr != unix.EINTR:
+		return os.NewSyscallError("write", werr)
+	}
+	n = max(n, 0)
+	conn.SetWriteDeadline(time.Now().Add(writeTimeout))
+	defer conn.SetWriteDeadline(time.Time{})
+	_, err = conn.Write(connectedLine[n:])
+	return err
 }
 
 // readFirst returns prefix if it is not empty, else whatever the client sends first within

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"testing"
@@ -79,6 +80,18 @@ func wait(t *testing.T, ch chan relayResult) relayResult {
 }
 
 func TestRelayHalfCloseAndCounts(t *testing.T) {
+	// Both ways of copying: the first bytes through user space, then splice (the default), and
+	// splice from the first byte.
+	for _, plain := range []int64{plainFirst, 0} {
+		t.Run(fmt.Sprintf("plainFirst=%d", plain), func(t *testing.T) {
+			defer func(old int64) { plainFirst = old }(plainFirst)
+			plainFirst = plain
+			testRelayHalfCloseAndCounts(t)
+		})
+	}
+}
+
+func testRelayHalfCloseAndCounts(t *testing.T) {
 	tr := NewTracker(Config{})
 	app, server, c := setup(t, tr)
 	done := relay(c, []byte("pre"))
