@@ -9,7 +9,7 @@ GO          ?= go
 BIN         := bin
 CACHE       := $(CURDIR)/.cache
 
-.PHONY: all build test unit fuzz e2e bench bench-go bench-peers lint deps demo clean
+.PHONY: all build test unit fuzz e2e bench bench-go bench-peers soak lint deps demo clean
 
 all: build
 
@@ -52,6 +52,16 @@ bench-go:
 # egressbench against direct loopback, Squid, tinyproxy and egress-guard, side by side.
 bench-peers: build
 	./scripts/bench-peers.sh
+
+# Soak (not part of `make test` or `make bench`): SOAK_TUNNELS (10000) live tunnels through the
+# real gateway carrying traffic while the policy is rewritten every second for SOAK_DURATION
+# (60s), RSS and goroutines back near the baseline after; then SIGTERM with as many live
+# tunnels (drain budget, close lines). Needs about 6 descriptors per tunnel in the proxy
+# (ulimit -Hn >= 60512 for 10000: root with CAP_SYS_RESOURCE raises it).
+SOAK_TUNNELS ?= 10000
+SOAK_DURATION ?= 60s
+soak:
+	SOAK=1 SOAK_TUNNELS=$(SOAK_TUNNELS) SOAK_DURATION=$(SOAK_DURATION) $(GO) test -count=1 -run '^TestSoak$$' -v -timeout 20m ./e2e/
 
 demo: deps build
 	./scripts/demo.sh

@@ -190,7 +190,7 @@ policy:
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, want := range []string{"IPv4 rules installed and verified", "self-test passed"} {
+	for _, want := range []string{"IPv4 rules installed and verified", "IPv6 rules installed and verified", "self-test passed"} {
 		if !strings.Contains(initLog, want) {
 			t.Fatalf("init container log lacks %q:\n%s", want, initLog)
 		}

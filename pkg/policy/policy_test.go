@@ -339,6 +339,44 @@ func TestWatcherMissingFile(t *testing.T) {
 	}
 }
 
+// A file that cannot be read for a while (a process out of descriptors, a file put back)
+// says nothing about the policy: the same content readable again is not a new policy, so it
+// is neither reported nor applied again (which would re-check every open tunnel).
+func TestWatcherUnreadableThenSameContentIsNotANewPolicy(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "policy.yaml")
+	doc := []byte("identities:\n  a:\n    api_keys: [\"k\"]\n    allowed_destinations: [\"example.com\"]\n")
+	if err := os.WriteFile(path, doc, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	var rep reports
+	w := NewWatcher(path, time.Hour, defaults, rep.add)
+	w.settle = 0
+	if err := w.Load(); err != nil {
+		t.Fatal(err)
+	}
+	first := w.Current()
+	os.Rename(path, path+".away")
+	if err := w.Load(); err == nil {
+		t.Fatal("an unreadable file loaded")
+	}
+	w.Load()
+	os.Rename(path+".away", path)
+	if err := w.Load(); err != nil {
+		t.Fatalf("the same content again: %v", err)
+	}
+	if good, bad := rep.counts(); good != 1 || bad != 1 {
+		t.Fatalf("reports: %d policies, %d errors; want 1 policy (the first load) and 1 error (the read)", good, bad)
+	}
+	if w.Current() != first {
+		t.Fatal("the same content was applied again")
+	}
+	// New content after the episode is applied as usual.
+	os.WriteFile(path, append(doc, []byte("# edited\n")...), 0o644)
+	if err := w.Load(); err != nil || w.Current() == first {
+		t.Fatalf("new content not applied: %v", err)
+	}
+}
+
 // bigPolicy builds a policy with identities × perIdentity destinations.
 func bigPolicy(identities, perIdentity int) []byte {
 	var b strings.Builder

@@ -32,7 +32,8 @@ type Watcher struct {
 
 	mu       sync.Mutex // serialises loads
 	lastSum  [sha256.Size]byte
-	lastErr  string
+	lastErr  string // the last content's parse error
+	readErr  string // the error of the last read, while the file cannot be read
 	attempts int
 }
 
@@ -62,15 +63,18 @@ func (w *Watcher) Load() error {
 	data, err := os.ReadFile(w.path)
 	if err != nil {
 		err = fmt.Errorf("load policy %s: %w", w.path, err)
-		// A missing file is reported once, not every interval.
-		if w.attempts == 0 || err.Error() != w.lastErr {
-			w.lastErr = err.Error()
-			w.lastSum = [sha256.Size]byte{}
+		// A missing or unreadable file is reported once, not every interval. It says
+		// nothing about the content last loaded, which stays remembered: the same content
+		// readable again (after a transient EMFILE, or a file put back) is not a new
+		// policy, so it is neither reported nor re-applied to every open tunnel.
+		if w.attempts == 0 || err.Error() != w.readErr {
+			w.readErr = err.Error()
 			w.attempts++
 			w.report(nil, err)
 		}
 		return err
 	}
+	w.readErr = ""
 	sum := sha256.Sum256(data)
 	if w.unchanged(sum) {
 		return w.lastResult()
