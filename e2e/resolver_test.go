@@ -145,7 +145,10 @@ func TestResolverQueriesPerConnection(t *testing.T) {
 	clusterResolvConf(t, l, queryDNSAddr)
 	g := startGateway(t, l, gatewayPolicy, "RESOLVER=") // the pod's resolv.conf
 	var after [][]string
+	var hits, misses []float64
 	for i := range 2 {
+		hits = append(hits, metric(t, l, g.metrics, "egress_proxy_dns_cache_hits_total"))
+		misses = append(misses, metric(t, l, g.metrics, "egress_proxy_dns_cache_misses_total"))
 		m := dns.mark(t)
 		lg := from(g.proc)
 		exit, code, body := g.curl(t, "frontend-pod-1", "https://api.example.com/")
@@ -162,6 +165,16 @@ func TestResolverQueriesPerConnection(t *testing.T) {
 	}
 	if len(after[1]) != 0 {
 		t.Fatalf("second connection asked %v, want nothing (cached)", after[1])
+	}
+	// The cache's own counters say the same: the second connection's two lookups (A, AAAA)
+	// were hits and sent nothing.
+	hits = append(hits, metric(t, l, g.metrics, "egress_proxy_dns_cache_hits_total"))
+	misses = append(misses, metric(t, l, g.metrics, "egress_proxy_dns_cache_misses_total"))
+	if hits[2]-hits[1] != 2 || misses[2]-misses[1] != 0 {
+		t.Fatalf("second connection: %v cache hits, %v misses; want 2 and 0", hits[2]-hits[1], misses[2]-misses[1])
+	}
+	if misses[1]-misses[0] != 2 {
+		t.Fatalf("first connection: %v cache misses, want 2 (A and AAAA)", misses[1]-misses[0])
 	}
 }
 

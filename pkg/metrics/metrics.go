@@ -111,6 +111,21 @@ func New() *Metrics {
 	return m
 }
 
+// DNSCache exports the resolver cache's counters, read at scrape time (the resolver counts
+// them itself: nothing on the connection path touches a Prometheus series for them).
+func (m *Metrics) DNSCache(stats func() (hits, misses uint64)) {
+	m.Registry.MustRegister(
+		prometheus.NewCounterFunc(prometheus.CounterOpts{
+			Name: "egress_proxy_dns_cache_hits_total",
+			Help: "Name lookups (per record type) answered from the resolver cache.",
+		}, func() float64 { h, _ := stats(); return float64(h) }),
+		prometheus.NewCounterFunc(prometheus.CounterOpts{
+			Name: "egress_proxy_dns_cache_misses_total",
+			Help: "Name lookups (per record type) that queried a DNS server.",
+		}, func() float64 { _, mi := stats(); return float64(mi) }),
+	)
+}
+
 // PolicyLoaded records a successful load of the policy with the given hash and the number
 // of destinations per identity. Identities that disappeared lose their series.
 func (m *Policy) PolicyLoaded(hash string, destinations map[string]int) {

@@ -164,26 +164,7 @@ func (r *Resolver) LookupNetIP(ctx context.Context, network, host string) ([]net
 	}
 	var lastErr error
 	for _, fqdn := range r.conf.names(name) {
-		// The types are asked in parallel; what the cache holds is answered without a
-		// goroutine.
-		var res [2]result
-		var wg sync.WaitGroup
-		ask := -1
-		for i, t := range types {
-			var ok bool
-			if res[i], ok = r.cached(key{fqdn, t}); ok {
-				continue
-			}
-			if ask >= 0 {
-				wg.Go(func() { res[i] = r.query(ctx, fqdn, t) })
-			} else {
-				ask = i
-			}
-		}
-		if ask >= 0 {
-			res[ask] = r.query(ctx, fqdn, types[ask])
-		}
-		wg.Wait()
+		res := r.both(ctx, fqdn, types)
 		var addrs []netip.Addr
 		for _, x := range res[:len(types)] {
 			addrs = append(addrs, x.addrs...)
@@ -208,6 +189,59 @@ func (r *Resolver) LookupNetIP(ctx context.Context, network, host string) ([]net
 		return nil, de
 	}
 	return nil, &net.DNSError{Err: "no such host", Name: host, IsNotFound: true}
+}
+
+// ResolutionDelay is how long a lookup of both families waits for the second answer once the
+// first brought addresses (RFC 8305, section 3). A server that never answers AAAA (or A) then
+// costs this, not its whole timeout, on every connection; the late query goes on and fills
+// the cache if it ever answers.
+const ResolutionDelay = 50 * time.Millisecond
+
+// both asks fqdn for types (one or two), in parallel; what the cache holds is answered
+// without a goroutine.
+func (r *Resolver) both(ctx context.Context, fqdn string, types []dnsmessage.Type) [2]result {
+	var res [2]result
+	type answered struct {
+		i   int
+		res result
+	}
+	ch := make(chan answered, len(types)) // buffered: a query left behind never blocks
+	pending, have := 0, false
+	for i, t := range types {
+		var ok bool
+		if res[i], ok = r.cached(key{fqdn, t}); ok {
+			have = have || len(res[i].addrs) > 0
+			continue
+		}
+		pending++
+		if pending == 1 && i == len(types)-1 && !have {
+			// The only query, and nothing to answer with before it: no goroutine.
+			res[i] = r.query(ctx, fqdn, t)
+			return res
+		}
+		go func() { ch <- answered{i, r.query(ctx, fqdn, t)} }()
+	}
+	var delay <-chan time.Time
+	if have && pending > 0 {
+		t := time.NewTimer(ResolutionDelay)
+		defer t.Stop()
+		delay = t.C
+	}
+	for pending > 0 {
+		select {
+		case a := <-ch:
+			res[a.i] = a.res
+			pending--
+			if pending > 0 && delay == nil && len(a.res.addrs) > 0 {
+				t := time.NewTimer(ResolutionDelay)
+				defer t.Stop()
+				delay = t.C
+			}
+		case <-delay:
+			return res
+		}
+	}
+	return res
 }
 
 func filter(addrs []netip.Addr, network string) []netip.Addr {

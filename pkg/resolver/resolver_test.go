@@ -286,3 +286,32 @@ func TestReadConf(t *testing.T) {
 		t.Fatalf("defaults: %+v", d)
 	}
 }
+
+// A server that never answers AAAA (some middleboxes drop them) must not hold every
+// connection for its whole timeout when the A answer is there: the lookup returns the A
+// addresses ResolutionDelay after them, cold and again with A cached.
+func TestUnansweredFamilyCostsTheResolutionDelayNotTheTimeout(t *testing.T) {
+	s := newTestServer(t, map[string]record{"api.example.com.": {addrs: []string{"198.18.1.10", "fd00::10"}, ttl: 60}})
+	s.mu.Lock()
+	s.silent = map[string]bool{"api.example.com. TypeAAAA": true}
+	s.mu.Unlock()
+	r, _ := newTest(t, s, "options timeout:5 attempts:1\n", Config{})
+	for i := range 2 {
+		start := time.Now()
+		addrs, err := r.LookupNetIP(context.Background(), "ip", "api.example.com.")
+		took := time.Since(start)
+		if err != nil || len(addrs) != 1 || addrs[0].String() != "198.18.1.10" {
+			t.Fatalf("lookup %d: %v, %v; want the A address", i+1, addrs, err)
+		}
+		// The server's timeout is 5 s: anything near it means the lookup waited for AAAA.
+		if took > 2*time.Second {
+			t.Fatalf("lookup %d took %v: it waited for the unanswered AAAA query", i+1, took)
+		}
+	}
+	if n := s.count("api.example.com.", "TypeA"); n != 1 {
+		t.Fatalf("%d A queries, want 1 (cached)", n)
+	}
+	if n := s.count("api.example.com.", "TypeAAAA"); n != 1 {
+		t.Fatalf("%d AAAA queries, want 1 (the second lookup joins the one in flight)", n)
+	}
+}

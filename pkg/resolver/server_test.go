@@ -32,7 +32,8 @@ type testServer struct {
 	counts   map[string]int    // "name type"
 	total    atomic.Int64
 	delay    time.Duration
-	truncate bool // answer UDP queries with TC set and no records
+	truncate bool            // answer UDP queries with TC set and no records
+	silent   map[string]bool // "name type" never answered, as by a server or firewall that drops them
 }
 
 func newTestServer(tb testing.TB, records map[string]record) *testServer {
@@ -108,8 +109,12 @@ func (s *testServer) answer(msg []byte, udp bool) []byte {
 	s.counts[name+" "+q.Type.String()]++
 	rec, ok := s.records[name]
 	delay, truncate := s.delay, s.truncate && udp
+	silent := s.silent[name+" "+q.Type.String()]
 	s.mu.Unlock()
 	s.total.Add(1)
+	if silent {
+		return nil
+	}
 	time.Sleep(delay)
 	rh := dnsmessage.Header{ID: h.ID, Response: true, Authoritative: true, Truncated: truncate}
 	if !ok {

@@ -64,10 +64,12 @@ func Run(ctx context.Context, cfg Config, out io.Writer) error {
 	for _, p := range cfg.TLSPorts {
 		tlsPorts[p] = true
 	}
+	res := resolver.New(resolver.Config{Server: cfg.Resolver}) // one cache for both listeners
+	m.DNSCache(res.Stats)
 	srv, err := proxy.New(proxy.Config{
 		Policy:             source.Current,
 		Classifier:         classifier,
-		Resolver:           resolver.New(resolver.Config{Server: cfg.Resolver}), // one cache for both listeners
+		Resolver:           res,
 		Dialer:             &net.Dialer{KeepAlive: 30 * time.Second},
 		Tracker:            tracker,
 		AccessLog:          accesslog.New(log),
