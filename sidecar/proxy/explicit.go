@@ -49,13 +49,15 @@ func (s *Server) serveExplicitFrom(ss *session, prefix []byte) {
 	} else {
 		br = bufio.NewReaderSize(head, len(prefix))
 	}
-	// reuse: nothing but this function reads br any more when it returns (a CONNECT copied
-	// what followed its head; a forwarded request's body may still be read by the transport).
+	// The buffer goes back to the pool once nothing reads it any more: when a CONNECT has
+	// copied what followed its head (before its tunnel runs, so an idle tunnel holds no
+	// buffer), or on a refusal. Never after a forwarded request, whose body the transport
+	// may still be reading.
+	h := &headReader{br: br}
 	reuse := false
 	defer func() {
-		if reuse && br.Size() == headBufSize {
-			br.Reset(nil)
-			headReaders.Put(br)
+		if reuse {
+			h.release()
 		}
 	}()
 	conn.SetReadDeadline(time.Now().Add(s.cfg.HeaderTimeout))
@@ -87,8 +89,11 @@ func (s *Server) serveExplicitFrom(ss *session, prefix []byte) {
 		}
 		conn.SetReadDeadline(time.Time{})
 		head.N = math.MaxInt64 // the head was bounded; a forwarded request body is not
-		if !s.serveRequest(ss, br, req) {
-			reuse = req.Method == http.MethodConnect
+		// Read before serving: req must not stay reachable from this frame for the
+		// lifetime of a tunnel.
+		isConnect := req.Method == http.MethodConnect
+		if !s.serveRequest(ss, h, req) {
+			reuse = isConnect
 			return
 		}
 	}
@@ -100,9 +105,28 @@ const headBufSize = 4096
 
 var headReaders = sync.Pool{New: func() any { return bufio.NewReaderSize(nil, headBufSize) }}
 
+// headReader is a connection's request-head reader and whether it went back to the pool.
+type headReader struct {
+	br       *bufio.Reader
+	released bool
+}
+
+// release returns the reader to the pool (once; a reader sized for a long replayed prefix
+// is left to the GC). The caller must not read it afterwards.
+func (h *headReader) release() {
+	if h.released {
+		return
+	}
+	h.released = true
+	if h.br.Size() == headBufSize {
+		h.br.Reset(nil)
+		headReaders.Put(h.br)
+	}
+}
+
 // serveRequest authenticates and decides one request, then runs its CONNECT tunnel or
 // forwards it. It reports whether the connection may carry another request.
-func (s *Server) serveRequest(ss *session, br *bufio.Reader, req *http.Request) bool {
+func (s *Server) serveRequest(ss *session, h *headReader, req *http.Request) bool {
 	ss.rec.Method = req.Method
 	t, err := requestTarget(req)
 	if err != nil {
@@ -137,7 +161,7 @@ func (s *Server) serveRequest(ss *session, br *bufio.Reader, req *http.Request) 
 		return false
 	}
 	if req.Method == http.MethodConnect {
-		s.connect(ss, br, id, t, v)
+		s.connect(ss, h, id, t, v)
 		return false
 	}
 	if ss.rec.Request == 0 {
@@ -149,11 +173,15 @@ func (s *Server) serveRequest(ss *session, br *bufio.Reader, req *http.Request) 
 }
 
 // connect runs a CONNECT tunnel whose destination was allowed.
-func (s *Server) connect(ss *session, br *bufio.Reader, id *policy.Identity, t decision.Target, v decision.Verdict) {
+func (s *Server) connect(ss *session, h *headReader, id *policy.Identity, t decision.Target, v decision.Verdict) {
 	conn := ss.conn
 	// Bytes the client sent after the CONNECT head (clients may pipeline the ClientHello).
-	prefix, _ := br.Peek(br.Buffered())
-	prefix = append([]byte(nil), prefix...)
+	var prefix []byte
+	if n := h.br.Buffered(); n > 0 {
+		prefix, _ = h.br.Peek(n)
+		prefix = append([]byte(nil), prefix...)
+	}
+	h.release()
 
 	checkSNI := s.cfg.TLSPorts[t.Port] && t.IsName()
 	if checkSNI {
