@@ -236,8 +236,9 @@ func (s *Server) connect(ss *session, h *headReader, id *policy.Identity, t deci
 	}
 	ss.established()
 	ss.watchPolicy(t)
-	up, down, reason := ss.tc.Relay(prefix)
-	ss.end(reason, up, down)
+	// The relay goes on without this goroutine (see tunnel.Conn.Start); its last direction
+	// to finish writes the close line.
+	ss.tc.Start(prefix, ss.relayed)
 }
 
 // connectedLine is the answer that opens a CONNECT tunnel.

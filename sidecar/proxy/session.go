@@ -226,6 +226,9 @@ func (ss *session) discard() {
 	ss.release()
 }
 
+// relayed ends a tunnel when its relay is over (tunnel.Conn.Start's done).
+func (ss *session) relayed(up, down int64, reason outcome.CloseReason) { ss.end(reason, up, down) }
+
 // end writes the close line and releases the connection.
 func (ss *session) end(reason outcome.CloseReason, up, down int64) {
 	ss.finish(reason, up, down)

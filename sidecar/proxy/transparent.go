@@ -99,8 +99,9 @@ func (s *Server) serveTransparent(ss *session) {
 	}
 	ss.established()
 	ss.watchPolicy(t)
-	up, down, reason := ss.tc.Relay(p.prefix)
-	ss.end(reason, up, down)
+	// The relay goes on without this goroutine (see tunnel.Conn.Start); its last direction
+	// to finish writes the close line.
+	ss.tc.Start(p.prefix, ss.relayed)
 }
 
 // isOwnListener reports a connection whose original destination is this listener itself: a

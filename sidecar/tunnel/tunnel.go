@@ -282,24 +282,48 @@ func (c *Conn) closeSockets() {
 // that close their sending side keep working. It returns the bytes moved each way, prefix
 // included, and why the relay ended.
 func (c *Conn) Relay(prefix []byte) (up, down int64, reason outcome.CloseReason) {
+	done := make(chan struct{})
+	c.Start(prefix, func(u, d int64, r outcome.CloseReason) {
+		up, down, reason = u, d, r
+		close(done)
+	})
+	<-done
+	return up, down, reason
+}
+
+// Start is Relay without the wait: it writes prefix, starts the two directions on goroutines
+// of their own and returns; done runs once, on the goroutine that finishes last, with what
+// Relay would return. The goroutine that parsed, decided and dialed can then exit: an open
+// tunnel costs two small stacks, not that goroutine's grown one besides them.
+func (c *Conn) Start(prefix []byte, done func(up, down int64, reason outcome.CloseReason)) {
 	c.mu.Lock()
 	u := c.upstream
 	c.mu.Unlock()
 	if u == nil {
-		return 0, 0, outcome.Reset
+		done(0, 0, outcome.Reset)
+		return
 	}
-	var upErr, downErr error
+	var up, down int64
 	if len(prefix) > 0 {
 		n, err := u.Write(prefix)
 		up += int64(n)
 		if err != nil {
 			c.closeWith(outcome.Reset)
-			return up, 0, c.finalReason(err, nil)
+			done(up, 0, c.finalReason(err, nil))
+			return
 		}
 	}
-	downDone := make(chan struct{})
+	var upErr, downErr error
+	// The last of the two to finish reports; the atomic orders each one's results before
+	// the report.
+	var left atomic.Int32
+	left.Store(2)
+	finish := func() {
+		if left.Add(-1) == 0 {
+			done(up, down, c.finalReason(upErr, downErr))
+		}
+	}
 	go func() {
-		defer close(downDone)
 		down, downErr = copyHalf(c.client, u)
 		if downErr == nil {
 			c.client.CloseWrite()
@@ -307,16 +331,18 @@ func (c *Conn) Relay(prefix []byte) (up, down int64, reason outcome.CloseReason)
 			// The other direction cannot usefully go on once one side failed.
 			c.closeWith(outcome.Reset)
 		}
+		finish()
 	}()
-	n, upErr := copyHalf(u, c.client)
-	up += n
-	if upErr == nil {
-		u.CloseWrite()
-	} else {
-		c.closeWith(outcome.Reset)
-	}
-	<-downDone
-	return up, down, c.finalReason(upErr, downErr)
+	go func() {
+		n, err := copyHalf(u, c.client)
+		up, upErr = up+n, err
+		if upErr == nil {
+			u.CloseWrite()
+		} else {
+			c.closeWith(outcome.Reset)
+		}
+		finish()
+	}()
 }
 
 // plainFirst is how many bytes of each direction may be copied through user space with
