@@ -103,7 +103,13 @@ func TestWatcherWaitsForChangingContent(t *testing.T) {
 				return
 			default:
 			}
-			os.WriteFile(path, []byte(fmt.Sprintf("%s# version %d\n", goodB, i)), 0o644)
+			// Rewritten in place at a fixed length, never truncated: the file is never
+			// empty or short (a truncated file that stays so past the settle delay, which a
+			// loaded machine can produce, is settled content: another test's subject).
+			if f, err := os.OpenFile(path, os.O_WRONLY, 0); err == nil {
+				f.WriteAt([]byte(fmt.Sprintf("%s# version %09d\n", goodB, i)), 0)
+				f.Close()
+			}
 			if i == 0 {
 				close(started)
 			}
