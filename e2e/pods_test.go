@@ -22,6 +22,7 @@ import (
 
 	"github.com/egress-guard/egress-guard/controller/inject"
 	"github.com/egress-guard/egress-guard/internal/kubelab"
+	"github.com/egress-guard/egress-guard/internal/netlab"
 )
 
 // Images the real-pod test runs (scripts/images.sh builds them; tags as it gives them).
@@ -115,7 +116,7 @@ func TestRealPodsAreCapturedAndDecided(t *testing.T) {
 		defer ln.Close()
 		body := "hello from " + ip
 		if ip == deniedHost {
-			ln = &countAccepts{Listener: ln, n: &deniedAccepts}
+			ln = &netlab.CountingListener{Listener: ln, N: &deniedAccepts}
 		}
 		go http.Serve(ln, http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) { fmt.Fprintln(w, body) }))
 	}
@@ -285,19 +286,6 @@ policy:
 
 func repo(image string) string { return image[:strings.LastIndex(image, ":")] }
 func tag(image string) string  { return image[strings.LastIndex(image, ":")+1:] }
-
-type countAccepts struct {
-	net.Listener
-	n *atomic.Int64
-}
-
-func (l *countAccepts) Accept() (net.Conn, error) {
-	c, err := l.Listener.Accept()
-	if err == nil {
-		l.n.Add(1)
-	}
-	return c, err
-}
 
 func containsInOrder(lines []string, want ...string) bool {
 	for _, l := range lines {

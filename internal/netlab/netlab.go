@@ -301,7 +301,7 @@ func (l *Lab) serve(ip string, cert tls.Certificate) error {
 		if err != nil {
 			return nil, err
 		}
-		ln = &countingListener{Listener: ln, n: count}
+		ln = &CountingListener{Listener: ln, N: count}
 		l.closers = append(l.closers, func() { ln.Close() })
 		return ln, nil
 	}
@@ -344,15 +344,17 @@ func (l *Lab) serve(ip string, cert tls.Certificate) error {
 	return nil
 }
 
-type countingListener struct {
+// CountingListener counts the connections it accepts in N: a test server's proof that a
+// denied destination never saw one.
+type CountingListener struct {
 	net.Listener
-	n *atomic.Int64
+	N *atomic.Int64
 }
 
-func (c *countingListener) Accept() (net.Conn, error) {
+func (c *CountingListener) Accept() (net.Conn, error) {
 	conn, err := c.Listener.Accept()
 	if err == nil {
-		c.n.Add(1)
+		c.N.Add(1)
 	}
 	return conn, err
 }

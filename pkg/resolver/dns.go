@@ -202,21 +202,31 @@ func exchange(ctx context.Context, server string, q dnsmessage.Question, timeout
 	return a, err
 }
 
-func exchangeUDP(ctx context.Context, server string, msg []byte, id uint16, q dnsmessage.Question) (answer, error) {
+// send connects to server and writes msg. The connection's reads and writes end with ctx
+// (its deadline, or its cancellation).
+func send(ctx context.Context, network, server string, msg []byte) (net.Conn, error) {
 	var d net.Dialer
-	c, err := d.DialContext(ctx, "udp", server)
+	c, err := d.DialContext(ctx, network, server)
+	if err != nil {
+		return nil, err
+	}
+	if dl, ok := ctx.Deadline(); ok {
+		c.SetDeadline(dl)
+	}
+	context.AfterFunc(ctx, func() { c.SetDeadline(time.Unix(1, 0)) })
+	if _, err := c.Write(msg); err != nil {
+		c.Close()
+		return nil, err
+	}
+	return c, nil
+}
+
+func exchangeUDP(ctx context.Context, server string, msg []byte, id uint16, q dnsmessage.Question) (answer, error) {
+	c, err := send(ctx, "udp", server, msg)
 	if err != nil {
 		return answer{}, err
 	}
 	defer c.Close()
-	if dl, ok := ctx.Deadline(); ok {
-		c.SetDeadline(dl)
-	}
-	stop := context.AfterFunc(ctx, func() { c.SetDeadline(time.Unix(1, 0)) })
-	defer stop()
-	if _, err := c.Write(msg); err != nil {
-		return answer{}, err
-	}
 	buf := make([]byte, ednsSize+512)
 	for {
 		n, err := c.Read(buf)
@@ -242,20 +252,11 @@ func exchangeUDP(ctx context.Context, server string, msg []byte, id uint16, q dn
 }
 
 func exchangeTCP(ctx context.Context, server string, msg []byte, id uint16, q dnsmessage.Question) (answer, error) {
-	var d net.Dialer
-	c, err := d.DialContext(ctx, "tcp", server)
+	c, err := send(ctx, "tcp", server, msg)
 	if err != nil {
 		return answer{}, err
 	}
 	defer c.Close()
-	if dl, ok := ctx.Deadline(); ok {
-		c.SetDeadline(dl)
-	}
-	stop := context.AfterFunc(ctx, func() { c.SetDeadline(time.Unix(1, 0)) })
-	defer stop()
-	if _, err := c.Write(msg); err != nil {
-		return answer{}, err
-	}
 	var l [2]byte
 	if _, err := io.ReadFull(c, l[:]); err != nil {
 		return answer{}, err
