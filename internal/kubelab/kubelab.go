@@ -16,6 +16,10 @@
 // ServiceAccounts a test needs (CreateServiceAccount) and use one fresh
 // namespace per test, or call StartControllerManager.
 //
+// StartNode (node.go) is the other shape: a whole single-node cluster with a
+// scheduler, kube-proxy and a kubelet on containerd, in network and mount
+// namespaces of its own, for tests that run real pods.
+//
 // A typical test:
 //
 //	func TestX(t *testing.T) {
@@ -393,7 +397,8 @@ func (c *Cluster) Stop() {
 }
 
 // LogTail returns the last n bytes of a component's log ("etcd",
-// "kube-apiserver", "kube-controller-manager"), or "" before Stop removed it.
+// "kube-apiserver", "kube-controller-manager"; on a Node also "kubelet",
+// "kube-scheduler", "kube-proxy", "containerd"), or "" once Stop removed it.
 func (c *Cluster) LogTail(component string, n int) string {
 	b, err := os.ReadFile(filepath.Join(c.dir, component+".log"))
 	if err != nil {

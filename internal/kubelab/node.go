@@ -760,7 +760,3 @@ func cleanStaleNodes() {
 		}
 	}
 }
-
-// LogTail returns the last n bytes of a node component's log ("kubelet", "containerd",
-// "kube-proxy", "dnsmasq", ...).
-func (n *Node) LogTail(component string, size int) string { return n.Cluster.LogTail(component, size) }
