@@ -7,6 +7,7 @@ import (
 	"os"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 )
 
@@ -105,15 +106,50 @@ func (c *conf) names(name string) []string {
 	return out
 }
 
-// readHosts returns the addresses a hosts file gives name (case-insensitive), or nil.
-func readHosts(path, name string) []netip.Addr {
+// hostsFile is the hosts file, parsed once and parsed again only when it changed. A
+// single-label name (a Kubernetes short name such as "redis") is looked up in it on every
+// connection: reading the file each time would put file I/O on the connection path. Like Go's
+// own resolver, it looks at the file's modification time and size at most every
+// hostsRecheck.
+type hostsFile struct {
+	path string
+
+	mu      sync.Mutex
+	checked time.Time // last stat
+	mod     time.Time
+	size    int64
+	names   map[string][]netip.Addr // lower case, without the trailing dot
+}
+
+const hostsRecheck = 5 * time.Second
+
+// lookup returns the addresses the file gives name (case-insensitive), or nil. The slice is
+// shared: callers must not modify it.
+func (h *hostsFile) lookup(name string, now time.Time) []netip.Addr {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.names == nil || now.Sub(h.checked) >= hostsRecheck {
+		h.checked = now
+		fi, err := os.Stat(h.path)
+		switch {
+		case err != nil:
+			h.names, h.mod, h.size = map[string][]netip.Addr{}, time.Time{}, 0
+		case h.names == nil || !fi.ModTime().Equal(h.mod) || fi.Size() != h.size:
+			h.mod, h.size = fi.ModTime(), fi.Size()
+			h.names = parseHosts(h.path)
+		}
+	}
+	return h.names[strings.ToLower(strings.TrimSuffix(name, "."))]
+}
+
+// parseHosts reads a hosts file into its names' addresses (an unreadable file has none).
+func parseHosts(path string) map[string][]netip.Addr {
+	names := map[string][]netip.Addr{}
 	f, err := os.Open(path)
 	if err != nil {
-		return nil
+		return names
 	}
 	defer f.Close()
-	name = strings.ToLower(strings.TrimSuffix(name, "."))
-	var out []netip.Addr
 	s := bufio.NewScanner(f)
 	for s.Scan() {
 		line := s.Text()
@@ -129,11 +165,9 @@ func readHosts(path, name string) []netip.Addr {
 			continue
 		}
 		for _, h := range fs[1:] {
-			if strings.ToLower(strings.TrimSuffix(h, ".")) == name {
-				out = append(out, a.WithZone("").Unmap())
-				break
-			}
+			n := strings.ToLower(strings.TrimSuffix(h, "."))
+			names[n] = append(names[n], a.WithZone("").Unmap())
 		}
 	}
-	return out
+	return names
 }

@@ -59,7 +59,7 @@ type Config struct {
 // Resolver resolves names with a cache. It is safe for concurrent use; one per process.
 type Resolver struct {
 	conf                        conf
-	hosts                       string
+	hosts                       *hostsFile
 	minTTL, maxTTL, negativeTTL time.Duration
 	maxEntries                  int
 	now                         func() time.Time
@@ -106,7 +106,7 @@ func New(cfg Config) *Resolver {
 	}
 	r := &Resolver{
 		conf:        readConf(cfg.ResolvConf),
-		hosts:       cfg.Hosts,
+		hosts:       &hostsFile{path: cfg.Hosts},
 		minTTL:      or(cfg.MinTTL, MinTTL),
 		maxTTL:      or(cfg.MaxTTL, MaxTTL),
 		negativeTTL: or(cfg.NegativeTTL, NegativeTTL),
@@ -158,7 +158,7 @@ func (r *Resolver) LookupNetIP(ctx context.Context, network, host string) ([]net
 		return nil, &net.DNSError{Err: "invalid name", Name: host, IsNotFound: true}
 	}
 	if !strings.Contains(strings.TrimSuffix(name, "."), ".") && !strings.HasSuffix(name, ".") {
-		if addrs := filter(readHosts(r.hosts, name), network); len(addrs) > 0 {
+		if addrs := filter(r.hosts.lookup(name, r.now()), network); len(addrs) > 0 {
 			return addrs, nil
 		}
 	}
@@ -244,8 +244,9 @@ func (r *Resolver) both(ctx context.Context, fqdn string, types []dnsmessage.Typ
 	return res
 }
 
+// filter returns the addresses of network's family, in a new slice (addrs may be shared).
 func filter(addrs []netip.Addr, network string) []netip.Addr {
-	out := addrs[:0]
+	var out []netip.Addr
 	for _, a := range addrs {
 		if network == "ip" || (network == "ip4") == a.Is4() {
 			out = append(out, a)
@@ -258,12 +259,19 @@ func filter(addrs []netip.Addr, network string) []netip.Addr {
 func (r *Resolver) cached(k key) (result, bool) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
+	return r.cachedLocked(k)
+}
+
+// cachedLocked is cached with r.mu held; an expired entry is dropped.
+func (r *Resolver) cachedLocked(k key) (result, bool) {
 	el := r.entries[k]
 	if el == nil {
 		return result{}, false
 	}
 	e := el.Value.(*entry)
 	if !r.now().Before(e.expires) {
+		r.lru.Remove(el)
+		delete(r.entries, k)
 		return result{}, false
 	}
 	r.lru.MoveToFront(el)
@@ -277,16 +285,9 @@ func (r *Resolver) cached(k key) (result, bool) {
 func (r *Resolver) query(ctx context.Context, name string, typ dnsmessage.Type) result {
 	k := key{name, typ}
 	r.mu.Lock()
-	if el := r.entries[k]; el != nil {
-		e := el.Value.(*entry)
-		if r.now().Before(e.expires) {
-			r.lru.MoveToFront(el)
-			r.mu.Unlock()
-			r.hits.Add(1)
-			return result{addrs: e.addrs, nx: e.nx}
-		}
-		r.lru.Remove(el)
-		delete(r.entries, k)
+	if res, ok := r.cachedLocked(k); ok {
+		r.mu.Unlock()
+		return res
 	}
 	f := r.inflight[k]
 	if f != nil {

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"os"
 	"slices"
 	"sync"
 	"testing"
@@ -313,5 +314,24 @@ func TestUnansweredFamilyCostsTheResolutionDelayNotTheTimeout(t *testing.T) {
 	}
 	if n := s.count("api.example.com.", "TypeAAAA"); n != 1 {
 		t.Fatalf("%d AAAA queries, want 1 (the second lookup joins the one in flight)", n)
+	}
+}
+
+// The hosts file is parsed once and looked at again (modification time, size) at most every
+// hostsRecheck: a short name on every connection reads no file, and an edit is seen after
+// the recheck.
+func TestHostsFileIsReadAgainOnlyWhenChanged(t *testing.T) {
+	s := newTestServer(t, testRecords)
+	r, clock := newTest(t, s, "options timeout:1 attempts:1\n", Config{})
+	if got := lookup(t, r, "ip", "hostsonly"); !slices.Equal(got, []netip.Addr{netip.MustParseAddr("198.18.9.9")}) {
+		t.Fatalf("hosts file: %v", got)
+	}
+	os.WriteFile(r.hosts.path, []byte("198.18.9.10 hostsonly\n"), 0o644)
+	if got := lookup(t, r, "ip", "hostsonly"); !slices.Equal(got, []netip.Addr{netip.MustParseAddr("198.18.9.9")}) {
+		t.Fatalf("within the recheck interval: %v, want the parsed file's 198.18.9.9", got)
+	}
+	clock.advance(hostsRecheck)
+	if got := lookup(t, r, "ip", "hostsonly"); !slices.Equal(got, []netip.Addr{netip.MustParseAddr("198.18.9.10")}) {
+		t.Fatalf("after the recheck interval: %v, want the edit's 198.18.9.10", got)
 	}
 }
