@@ -1,6 +1,7 @@
 package tunnel
 
 import (
+	"github.com/egress-guard/egress-guard/pkg/outcome"
 	"io"
 	"net"
 	"syscall"
@@ -17,7 +18,7 @@ func cpuTime(b *testing.B) time.Duration {
 	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
 }
 
-// BenchmarkRelayShortTunnel is the life of egressbench's latency tunnel around Relay: an app
+// BenchmarkRelayShortTunnel is the life of egressbench's latency tunnel around a relay: an app
 // connection and an upstream to an echo server, one byte each way, the app closes, the relay
 // half-closes and ends, Done closes both. cpu-µs/op is the whole process (app, proxy side and
 // echo server together); compare it between versions, not with the proxy's own figure.
@@ -77,11 +78,10 @@ func benchShortTunnel(b *testing.B) {
 		}
 		c.SetUpstream(up.(*net.TCPConn))
 		done := make(chan struct{})
-		go func() {
-			c.Relay(nil)
+		c.Start(nil, func(int64, int64, outcome.CloseReason) {
 			c.Done()
 			close(done)
-		}()
+		})
 		app.Write([]byte("x"))
 		if _, err := io.ReadFull(app, buf); err != nil {
 			b.Fatal(err)

@@ -276,24 +276,12 @@ func (c *Conn) closeSockets() {
 	}
 }
 
-// Relay writes prefix (bytes already read from the client, such as a peeked ClientHello) to
-// the upstream, then copies both directions until both have ended. A clean EOF from one side
-// is propagated as a half-close (shutdown SHUT_WR) to the other, so request/response protocols
-// that close their sending side keep working. It returns the bytes moved each way, prefix
-// included, and why the relay ended.
-func (c *Conn) Relay(prefix []byte) (up, down int64, reason outcome.CloseReason) {
-	done := make(chan struct{})
-	c.Start(prefix, func(u, d int64, r outcome.CloseReason) {
-		up, down, reason = u, d, r
-		close(done)
-	})
-	<-done
-	return up, down, reason
-}
-
-// Start is Relay without the wait: it writes prefix, starts the two directions on goroutines
-// of their own and returns; done runs once, on the goroutine that finishes last, with what
-// Relay would return. The goroutine that parsed, decided and dialed can then exit: an open
+// Start writes prefix (bytes already read from the client, such as a peeked ClientHello) to
+// the upstream, then starts the two directions on goroutines of their own and returns. A
+// clean EOF from one side is propagated as a half-close (shutdown SHUT_WR) to the other, so
+// request/response protocols that close their sending side keep working. done runs once, on
+// the goroutine that finishes last, with the bytes moved each way (prefix included) and why
+// the relay ended. The goroutine that parsed, decided and dialed does not wait: an open
 // tunnel costs two small stacks, not that goroutine's grown one besides them.
 func (c *Conn) Start(prefix []byte, done func(up, down int64, reason outcome.CloseReason)) {
 	c.mu.Lock()

@@ -58,13 +58,13 @@ type relayResult struct {
 	reason   outcome.CloseReason
 }
 
+// relay starts c's relay; its result arrives on the channel once it ended (and c is done).
 func relay(c *Conn, prefix []byte) chan relayResult {
 	ch := make(chan relayResult, 1)
-	go func() {
-		up, down, reason := c.Relay(prefix)
+	c.Start(prefix, func(up, down int64, reason outcome.CloseReason) {
 		c.Done()
 		ch <- relayResult{up, down, reason}
-	}()
+	})
 	return ch
 }
 
