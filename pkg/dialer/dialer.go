@@ -20,22 +20,8 @@ import (
 // ErrNoSuchHost is wrapped by Lookup when the name does not exist.
 var ErrNoSuchHost = errors.New("no such host")
 
-// NewResolver returns the system resolver when server is "", otherwise a pure-Go resolver
-// that sends every query to server (host:port).
-func NewResolver(server string) *net.Resolver {
-	if server == "" {
-		return net.DefaultResolver
-	}
-	return &net.Resolver{
-		PreferGo: true,
-		Dial: func(ctx context.Context, network, _ string) (net.Conn, error) {
-			var d net.Dialer
-			return d.DialContext(ctx, network, server)
-		},
-	}
-}
-
-// Resolver is what Lookup needs of a resolver; *net.Resolver is one.
+// Resolver is what Lookup needs of a resolver: pkg/resolver's, which the proxy uses, or a
+// *net.Resolver.
 type Resolver interface {
 	LookupNetIP(ctx context.Context, network, host string) ([]netip.Addr, error)
 }

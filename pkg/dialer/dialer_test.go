@@ -62,7 +62,11 @@ func dnsServer(t *testing.T) string {
 
 func TestLookup(t *testing.T) {
 	ctx := context.Background()
-	r := NewResolver(dnsServer(t))
+	server := dnsServer(t)
+	r := &net.Resolver{PreferGo: true, Dial: func(ctx context.Context, network, _ string) (net.Conn, error) {
+		var d net.Dialer
+		return d.DialContext(ctx, network, server)
+	}}
 	got, err := Lookup(ctx, r, "known.test")
 	if err != nil {
 		t.Fatal(err)

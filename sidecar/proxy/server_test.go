@@ -21,7 +21,6 @@ import (
 
 	"github.com/egress-guard/egress-guard/pkg/accesslog"
 	"github.com/egress-guard/egress-guard/pkg/addrclass"
-	"github.com/egress-guard/egress-guard/pkg/dialer"
 	"github.com/egress-guard/egress-guard/pkg/metrics"
 	"github.com/egress-guard/egress-guard/pkg/policy"
 	"github.com/egress-guard/egress-guard/sidecar/tunnel"
@@ -119,7 +118,7 @@ func startWith(t testing.TB, policyYAML string, adjust func(*Config), tlsPorts .
 	cfg := Config{
 		Policy:         func() *policy.Policy { return pol },
 		Classifier:     addrclass.New(nil, nil),
-		Resolver:       dialer.NewResolver(""),
+		Resolver:       net.DefaultResolver,
 		Dialer:         &net.Dialer{},
 		Tracker:        tr,
 		AccessLog:      accesslog.New(slog.New(slog.NewJSONHandler(logs, nil))),
