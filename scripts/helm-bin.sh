@@ -13,8 +13,8 @@ set -euo pipefail
 
 HELM_VERSION=v4.3.1
 
-root="${EGRESS_GUARD_CACHE:-${HOME:?HOME is not set}/.cache/egress-guard}"
-dir="$root/helm-$HELM_VERSION"
+. "$(dirname "${BASH_SOURCE[0]}")/lib/cachedir.sh"
+dir="$cache_root/helm-$HELM_VERSION"
 bin="$dir/helm"
 
 if [ -x "$bin" ]; then
@@ -22,19 +22,14 @@ if [ -x "$bin" ]; then
   exit 0
 fi
 
-mkdir -p "$root"
-# Serialize concurrent builders (parallel test packages, two shells...).
-exec 9>"$root/.helm-$HELM_VERSION.lock"
-if command -v flock >/dev/null 2>&1; then
-  flock 9
-fi
+cache_lock "helm-$HELM_VERSION"
 if [ -x "$bin" ]; then # someone else finished while we waited
   echo "$bin"
   exit 0
 fi
 
-tmp="$(mktemp -d "$root/.helm-$HELM_VERSION.tmp.XXXXXX")"
-trap 'rm -rf "$tmp"' EXIT
+cache_tmp "helm-$HELM_VERSION"
+tmp=$cache_tmpdir
 
 echo "helm-bin: building helm $HELM_VERSION into $dir (cold: about 100 s)..." >&2
 start=$(date +%s)
@@ -47,15 +42,6 @@ start=$(date +%s)
 ) >&2
 [ -x "$tmp/helm" ] || { echo "helm-bin: helm missing after build" >&2; exit 1; }
 echo "$HELM_VERSION" >"$tmp/VERSION"
-chmod 755 "$tmp"
-
-# Replace atomically: rename(2) of the finished directory; a stale partial one is moved aside.
-if [ -e "$dir" ]; then
-  old="$(mktemp -d "$root/.helm-$HELM_VERSION.old.XXXXXX")"
-  mv "$dir" "$old/"
-  rm -rf "$old"
-fi
-mv "$tmp" "$dir"
-trap - EXIT
+cache_install "helm-$HELM_VERSION" "$dir"
 echo "helm-bin: built in $(($(date +%s) - start)) s" >&2
 echo "$bin"

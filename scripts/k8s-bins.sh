@@ -18,8 +18,8 @@ K8S_VERSION=v1.37.2
 K8S_MINOR=37
 BINS=(etcd kube-apiserver kubectl kube-controller-manager kube-scheduler kubelet kube-proxy)
 
-root="${EGRESS_GUARD_CACHE:-${HOME:?HOME is not set}/.cache/egress-guard}"
-dir="$root/k8s-$K8S_VERSION"
+. "$(dirname "${BASH_SOURCE[0]}")/lib/cachedir.sh"
+dir="$cache_root/k8s-$K8S_VERSION"
 
 have_all() {
   local b
@@ -37,19 +37,14 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 tools="$here/../tools/k8s"
 [ -f "$tools/go.mod" ] || { echo "k8s-bins: $tools/go.mod not found" >&2; exit 1; }
 
-mkdir -p "$root"
-# Serialize concurrent builders (parallel test packages, two shells...).
-exec 9>"$root/.k8s-$K8S_VERSION.lock"
-if command -v flock >/dev/null 2>&1; then
-  flock 9
-fi
+cache_lock "k8s-$K8S_VERSION"
 if have_all; then # someone else finished while we waited
   echo "$dir"
   exit 0
 fi
 
-tmp="$(mktemp -d "$root/.k8s-$K8S_VERSION.tmp.XXXXXX")"
-trap 'rm -rf "$tmp"' EXIT
+cache_tmp "k8s-$K8S_VERSION"
+tmp=$cache_tmpdir
 
 ldf="-s -w"
 for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
@@ -75,16 +70,6 @@ for b in "${BINS[@]}"; do
   [ -x "$tmp/$b" ] || { echo "k8s-bins: $b missing after build" >&2; exit 1; }
 done
 echo "$K8S_VERSION" >"$tmp/VERSION"
-chmod 755 "$tmp"
-
-# Replace atomically: rename(2) of the finished directory. A stale, partial
-# directory (e.g. built by an older version of this script) is moved aside first.
-if [ -e "$dir" ]; then
-  old="$(mktemp -d "$root/.k8s-$K8S_VERSION.old.XXXXXX")"
-  mv "$dir" "$old/"
-  rm -rf "$old"
-fi
-mv "$tmp" "$dir"
-trap - EXIT
+cache_install "k8s-$K8S_VERSION" "$dir"
 echo "k8s-bins: built in $(($(date +%s) - start)) s" >&2
 echo "$dir"
