@@ -90,6 +90,9 @@ func Dial(ctx context.Context, d ContextDialer, addrs []netip.Addr, port uint16,
 	}
 	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
+	if len(addrs) == 1 {
+		return dialOne(ctx, d, netip.AddrPortFrom(addrs[0], port))
+	}
 	order := interleave(addrs)
 
 	type result struct {
@@ -151,6 +154,22 @@ func Dial(ctx context.Context, d ContextDialer, addrs []netip.Addr, port uint16,
 		}
 	}
 	return nil, netip.AddrPort{}, &dialError{addrs: addrs, port: port, errs: errs}
+}
+
+// dialOne is Dial for a single address (an IP target, a name with one address): there is
+// nothing to race, so the calling goroutine dials itself. The racing path's goroutine,
+// channel and attempt timer cost a goroutine start and two hand-offs per connection, each a
+// scheduler wake-up, for nothing.
+func dialOne(ctx context.Context, d ContextDialer, ap netip.AddrPort) (*net.TCPConn, netip.AddrPort, error) {
+	c, err := d.DialContext(ctx, "tcp", ap.String())
+	if err == nil {
+		if tc, ok := c.(*net.TCPConn); ok {
+			return tc, ap, nil
+		}
+		c.Close()
+		err = fmt.Errorf("dial %s: not a TCP connection", ap)
+	}
+	return nil, netip.AddrPort{}, &dialError{addrs: []netip.Addr{ap.Addr()}, port: ap.Port(), errs: []error{err}}
 }
 
 // interleave orders addrs by alternating families, starting with the family of addrs[0] and

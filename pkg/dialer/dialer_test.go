@@ -5,6 +5,7 @@ import (
 	"errors"
 	"net"
 	"net/netip"
+	"runtime"
 	"strings"
 	"testing"
 	"time"
@@ -155,5 +156,32 @@ func TestLookupAsksTheAbsoluteName(t *testing.T) {
 	// A single-label name keeps the search list and the hosts file: it resolves no other way.
 	if strings.Join(r.asked, ",") != "api.example.com.,api.example.com.,localhost" {
 		t.Fatalf("asked %q, want the absolute name twice, then localhost as given", r.asked)
+	}
+}
+
+// stackDialer records the stack DialContext ran on, then dials for real.
+type stackDialer struct{ stack string }
+
+func (d *stackDialer) DialContext(ctx context.Context, network, address string) (net.Conn, error) {
+	buf := make([]byte, 8<<10)
+	d.stack = string(buf[:runtime.Stack(buf, false)])
+	return (&net.Dialer{}).DialContext(ctx, network, address)
+}
+
+// One address has nothing to race: it is dialed on the caller's goroutine, not on one
+// started for the attempt (a goroutine start and two scheduler hand-offs per connection).
+func TestDialOneAddressOnTheCallersGoroutine(t *testing.T) {
+	_, port := listen(t)
+	d := &stackDialer{}
+	c, used, err := Dial(context.Background(), d, []netip.Addr{netip.MustParseAddr("127.0.0.1")}, port, 5*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.Close()
+	if used != netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), port) {
+		t.Fatalf("used %v", used)
+	}
+	if !strings.Contains(d.stack, "TestDialOneAddressOnTheCallersGoroutine") {
+		t.Fatalf("dialed on another goroutine:\n%s", d.stack)
 	}
 }

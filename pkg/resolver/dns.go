@@ -9,6 +9,7 @@ import (
 	"math/rand/v2"
 	"net"
 	"net/netip"
+	"strconv"
 	"strings"
 	"time"
 
@@ -35,10 +36,26 @@ type answer struct {
 }
 
 // serverError is an answer that says nothing about the name (SERVFAIL, REFUSED, ...): the
-// next server is asked, and nothing is cached.
+// next server is asked; if none answers better, the failure is cached for FailureTTL only.
 type serverError struct{ rcode dnsmessage.RCode }
 
-func (e *serverError) Error() string { return "server answered " + e.rcode.String() }
+// Error names the code as DNS tools do (dig's status), which is what an operator searches for.
+func (e *serverError) Error() string {
+	var name string
+	switch e.rcode {
+	case dnsmessage.RCodeFormatError:
+		name = "FORMERR"
+	case dnsmessage.RCodeServerFailure:
+		name = "SERVFAIL"
+	case dnsmessage.RCodeNotImplemented:
+		name = "NOTIMP"
+	case dnsmessage.RCodeRefused:
+		name = "REFUSED"
+	default:
+		name = "rcode " + strconv.Itoa(int(e.rcode))
+	}
+	return "server answered " + name
+}
 
 // buildQuery is a recursive query for name (absolute) and type, with an EDNS(0) OPT record.
 func buildQuery(id uint16, q dnsmessage.Question) ([]byte, error) {

@@ -40,6 +40,12 @@ const (
 	// enough that a client retrying a missing name in a loop does not turn into a query
 	// flood, short enough that a name created a moment later is found quickly.
 	NegativeTTL = 5 * time.Second
+	// FailureTTL is how long a failed query (SERVFAIL, REFUSED, no answer within the
+	// timeouts) is kept, the least RFC 9520 allows. Without it a server that fails AAAA
+	// while answering A costs one query on every connection, and a failing server gets a
+	// query storm from every client's retries; one second is short enough that a recovered
+	// server is used again at once.
+	FailureTTL = time.Second
 	// MaxEntries bounds the cache (one entry per name and record type); the least recently
 	// used entry goes first. A few MiB at most.
 	MaxEntries = 10000
@@ -52,17 +58,17 @@ type Config struct {
 	Hosts      string // default /etc/hosts
 
 	// Zero means the package constant.
-	MinTTL, MaxTTL, NegativeTTL time.Duration
-	MaxEntries                  int
+	MinTTL, MaxTTL, NegativeTTL, FailureTTL time.Duration
+	MaxEntries                              int
 }
 
 // Resolver resolves names with a cache. It is safe for concurrent use; one per process.
 type Resolver struct {
-	conf                        conf
-	hosts                       *hostsFile
-	minTTL, maxTTL, negativeTTL time.Duration
-	maxEntries                  int
-	now                         func() time.Time
+	conf                                    conf
+	hosts                                   *hostsFile
+	minTTL, maxTTL, negativeTTL, failureTTL time.Duration
+	maxEntries                              int
+	now                                     func() time.Time
 
 	mu       sync.Mutex
 	entries  map[key]*list.Element // of *entry
@@ -79,8 +85,9 @@ type key struct {
 
 type entry struct {
 	key     key
-	addrs   []netip.Addr // nil: negative
+	addrs   []netip.Addr // nil: negative, or a failure
 	nx      bool
+	err     error // the failure, kept for FailureTTL
 	expires time.Time
 }
 
@@ -110,6 +117,7 @@ func New(cfg Config) *Resolver {
 		minTTL:      or(cfg.MinTTL, MinTTL),
 		maxTTL:      or(cfg.MaxTTL, MaxTTL),
 		negativeTTL: or(cfg.NegativeTTL, NegativeTTL),
+		failureTTL:  or(cfg.FailureTTL, FailureTTL),
 		maxEntries:  or(cfg.MaxEntries, MaxEntries),
 		now:         time.Now,
 		entries:     map[key]*list.Element{},
@@ -276,7 +284,7 @@ func (r *Resolver) cachedLocked(k key) (result, bool) {
 	}
 	r.lru.MoveToFront(el)
 	r.hits.Add(1)
-	return result{addrs: e.addrs, nx: e.nx}, true
+	return result{addrs: e.addrs, nx: e.nx, err: e.err}, true
 }
 
 // query answers one name and type: from the cache, from a query already in flight, or by
@@ -311,13 +319,14 @@ func (r *Resolver) fly(k key, f *flight) {
 	a, err := r.ask(k)
 	r.mu.Lock()
 	delete(r.inflight, k)
-	if err == nil {
-		ttl := min(max(a.ttl, r.minTTL), r.maxTTL)
-		if len(a.addrs) == 0 {
-			ttl = r.negativeTTL
-		}
-		r.store(&entry{key: k, addrs: a.addrs, nx: a.nx, expires: r.now().Add(ttl)})
+	ttl := min(max(a.ttl, r.minTTL), r.maxTTL)
+	switch {
+	case err != nil:
+		ttl = r.failureTTL
+	case len(a.addrs) == 0:
+		ttl = r.negativeTTL
 	}
+	r.store(&entry{key: k, addrs: a.addrs, nx: a.nx, err: err, expires: r.now().Add(ttl)})
 	r.mu.Unlock()
 	f.res = result{addrs: a.addrs, nx: a.nx, err: err}
 	close(f.done)

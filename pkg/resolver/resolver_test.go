@@ -8,9 +8,12 @@ import (
 	"net/netip"
 	"os"
 	"slices"
+	"strings"
 	"sync"
 	"testing"
 	"time"
+
+	"golang.org/x/net/dns/dnsmessage"
 )
 
 var testRecords = map[string]record{
@@ -243,29 +246,48 @@ func TestTruncatedAnswerIsAskedAgainOverTCP(t *testing.T) {
 	}
 }
 
-func TestServerFailureIsNotCached(t *testing.T) {
-	pc, err := net.ListenPacket("udp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
+// A failed query is kept for FailureTTL (RFC 9520): a server that fails AAAA while
+// answering A gets one AAAA query per second, not one per connection, and a name whose every
+// query fails fails fast for that second instead of asking again.
+func TestFailuresAreCachedForFailureTTL(t *testing.T) {
+	s := newTestServer(t, map[string]record{
+		"api.example.com.":  {addrs: []string{"198.18.1.10", "fd00::10"}, ttl: 60},
+		"down.example.com.": {addrs: []string{"198.18.1.11"}, ttl: 60},
+	})
+	s.mu.Lock()
+	s.rcode = map[string]dnsmessage.RCode{
+		"api.example.com. TypeAAAA": dnsmessage.RCodeServerFailure,
+		"down.example.com. TypeA":   dnsmessage.RCodeRefused,
 	}
-	defer pc.Close()
-	// Nobody answers: every lookup times out, and none is remembered.
-	dir := t.TempDir()
-	conf := dir + "/resolv.conf"
-	writeFile(t, conf, "options timeout:1 attempts:1\n")
-	r := New(Config{Server: pc.LocalAddr().String(), ResolvConf: conf, Hosts: dir + "/hosts"})
-	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
-	defer cancel()
-	_, err = r.LookupNetIP(ctx, "ip4", "v4.test.")
-	var de *net.DNSError
-	if !errors.As(err, &de) || de.IsNotFound {
-		t.Fatalf("err = %v, want a temporary failure", err)
+	s.mu.Unlock()
+	r, clock := newTest(t, s, "options timeout:1 attempts:1\n", Config{})
+	for i := range 3 {
+		if got := lookup(t, r, "ip", "api.example.com."); !slices.Equal(got, []netip.Addr{netip.MustParseAddr("198.18.1.10")}) {
+			t.Fatalf("lookup %d: %v, want the A address", i+1, got)
+		}
+		_, err := r.LookupNetIP(context.Background(), "ip4", "down.example.com.")
+		var de *net.DNSError
+		if !errors.As(err, &de) || de.IsNotFound || !de.IsTemporary || !strings.Contains(de.Err, "REFUSED") {
+			t.Fatalf("lookup %d of a refused name: %v, want a temporary failure saying REFUSED", i+1, err)
+		}
 	}
-	r.mu.Lock()
-	n := len(r.entries)
-	r.mu.Unlock()
-	if n != 0 {
-		t.Fatalf("%d cache entries after a failure", n)
+	if a, aaaa, down := s.count("api.example.com.", "TypeA"), s.count("api.example.com.", "TypeAAAA"), s.count("down.example.com.", "TypeA"); a != 1 || aaaa != 1 || down != 1 {
+		t.Fatalf("%d A, %d AAAA, %d refused A queries in three lookups; want 1, 1, 1", a, aaaa, down)
+	}
+	clock.advance(FailureTTL)
+	lookup(t, r, "ip", "api.example.com.")
+	r.LookupNetIP(context.Background(), "ip4", "down.example.com.")
+	if a, aaaa, down := s.count("api.example.com.", "TypeA"), s.count("api.example.com.", "TypeAAAA"), s.count("down.example.com.", "TypeA"); a != 1 || aaaa != 2 || down != 2 {
+		t.Fatalf("after FailureTTL: %d A, %d AAAA, %d refused A queries; want 1 (cached for its TTL), 2, 2", a, aaaa, down)
+	}
+	// The server recovered: the next query after the failure expired is answered and kept
+	// for the record's TTL.
+	s.mu.Lock()
+	s.rcode = nil
+	s.mu.Unlock()
+	clock.advance(FailureTTL)
+	if got := lookup(t, r, "ip4", "down.example.com."); !slices.Equal(got, []netip.Addr{netip.MustParseAddr("198.18.1.11")}) {
+		t.Fatalf("after recovery: %v", got)
 	}
 }
 

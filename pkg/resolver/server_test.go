@@ -32,8 +32,9 @@ type testServer struct {
 	counts   map[string]int    // "name type"
 	total    atomic.Int64
 	delay    time.Duration
-	truncate bool            // answer UDP queries with TC set and no records
-	silent   map[string]bool // "name type" never answered, as by a server or firewall that drops them
+	truncate bool                        // answer UDP queries with TC set and no records
+	silent   map[string]bool             // "name type" never answered, as by a server or firewall that drops them
+	rcode    map[string]dnsmessage.RCode // "name type" answered with this code and no records
 }
 
 func newTestServer(tb testing.TB, records map[string]record) *testServer {
@@ -110,6 +111,7 @@ func (s *testServer) answer(msg []byte, udp bool) []byte {
 	rec, ok := s.records[name]
 	delay, truncate := s.delay, s.truncate && udp
 	silent := s.silent[name+" "+q.Type.String()]
+	rcode, failing := s.rcode[name+" "+q.Type.String()]
 	s.mu.Unlock()
 	s.total.Add(1)
 	if silent {
@@ -117,7 +119,10 @@ func (s *testServer) answer(msg []byte, udp bool) []byte {
 	}
 	time.Sleep(delay)
 	rh := dnsmessage.Header{ID: h.ID, Response: true, Authoritative: true, Truncated: truncate}
-	if !ok {
+	switch {
+	case failing:
+		rh.RCode, ok = rcode, false
+	case !ok:
 		rh.RCode = dnsmessage.RCodeNameError
 	}
 	b := dnsmessage.NewBuilder(nil, rh)
