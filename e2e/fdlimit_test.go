@@ -139,9 +139,9 @@ func connectThrough(ns *netlab.NS, target string, timeout time.Duration) (net.Co
 }
 
 // TestFDExhaustion: the real binary with 64 descriptors. Silent connections take them all;
-// the accept loop then fails with EMFILE, backs off and logs it once (not per attempt). Once
-// the connections close, a new one is served, and the recovery is logged once, with the count
-// of failed accepts.
+// the accept loop then fails with EMFILE, backs off and logs it once (not per attempt), while
+// /health and /ready still answer (the admin listener's reserve). Once the connections close,
+// a new one is served, and the recovery is logged once, with the count of failed accepts.
 func TestFDExhaustion(t *testing.T) {
 	ns := ownNS(t, "egfd")
 	echo := echoListener(t, ns)
@@ -191,6 +191,52 @@ func TestFDExhaustion(t *testing.T) {
 	}
 	t.Logf("exhausted with %d connections held: %s", len(held), mustJSONLine(p, lg.mark, failing))
 
+	// The admin endpoints still answer, on the admin listener's reserved descriptors: else the
+	// kubelet's liveness probe fails and the restart cuts every tunnel. A kept-alive
+	// connection (a scraper's) holds one for 2s, longer than the proxy's accept backoff (1s):
+	// meanwhile net/http's next Accept must not free a reserve descriptor before a connection
+	// is queued, or the proxy's accept loop would take it. Then three rounds of probes, six
+	// connections, more than the reserve (4): each one's descriptor is taken back when it
+	// closes. None goes to the proxy's accept loop: it is still failing, in the same episode.
+	keep, err := ns.Dial("tcp", nsMetricsAddr, 3*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer keep.Close()
+	keepR := bufio.NewReader(keep)
+	getKept := func(what string) {
+		t.Helper()
+		keep.SetDeadline(time.Now().Add(5 * time.Second))
+		io.WriteString(keep, "GET /health HTTP/1.1\r\nHost: admin\r\n\r\n")
+		resp, err := http.ReadResponse(keepR, nil)
+		if err != nil {
+			t.Fatalf("%s: kept-alive GET /health while out of descriptors: %v", what, err)
+		}
+		body, _ := io.ReadAll(resp.Body)
+		if resp.StatusCode != http.StatusOK || string(body) != "ok\n" || resp.Close {
+			t.Fatalf("%s: kept-alive GET /health: %s %q (close %v)", what, resp.Status, body, resp.Close)
+		}
+	}
+	getKept("first")
+	time.Sleep(2 * time.Second)
+	for round := range 3 {
+		for _, probe := range []struct{ path, body string }{{"/health", "ok"}, {"/ready", "ready"}} {
+			code, body, err := netlab.HTTPGet(context.Background(), ns, "http://"+nsMetricsAddr+probe.path)
+			if code != http.StatusOK || strings.TrimSpace(body) != probe.body {
+				t.Fatalf("round %d: GET %s while out of descriptors: %d %q %v; want 200 %q", round, probe.path, code, body, err, probe.body)
+			}
+		}
+	}
+	getKept("second")
+	keep.Close()
+	t.Logf("while exhausted: /health and /ready answered 200, 3 times each, and twice on a kept-alive connection")
+	if r := p.RecordsAfter(lg.mark, recovered); len(r) != 0 {
+		t.Fatalf("%q after the admin probes, while still exhausted: %v", recovered, r)
+	}
+	if r := p.RecordsAfter(lg.mark, failing); len(r) != 1 {
+		t.Fatalf("%d %q lines after the admin probes, want 1: %v", len(r), failing, r)
+	}
+
 	for _, c := range held {
 		c.Close()
 	}
@@ -221,6 +267,9 @@ func TestFDExhaustion(t *testing.T) {
 		t.Fatalf("recovery line: %v", rec)
 	}
 	t.Logf("recovered: %s", mustJSONLine(p, lg.mark, recovered))
+	if code, body, err := netlab.HTTPGet(context.Background(), ns, "http://"+nsMetricsAddr+"/health"); code != http.StatusOK {
+		t.Fatalf("GET /health after recovery: %d %q %v", code, body, err)
+	}
 }
 
 // mustJSONLine returns the raw log line after mark whose msg is msg.

@@ -254,14 +254,16 @@ func listenLoopback(lc net.ListenConfig, log *slog.Logger, what string, port uin
 
 // listenAdmin listens for /health, /ready and /metrics on adminHost:METRICS_PORT, accepting
 // at most Admin.MaxConns connections at a time: the others wait in the kernel's accept queue
-// (bounded by its backlog) and hold no descriptor of the process.
+// (bounded by its backlog) and hold no descriptor of the process. It keeps adminReserve
+// descriptors in reserve, so that the probes are still answered while the process is out of
+// descriptors (see reserveListener).
 func listenAdmin(cfg Config) (net.Listener, error) {
 	lim := cfg.Admin.withDefaults()
 	ln, err := net.Listen("tcp", net.JoinHostPort(adminHost(cfg), strconv.Itoa(int(cfg.MetricsPort))))
 	if err != nil {
 		return nil, fmt.Errorf("metrics listener: %w", err)
 	}
-	return netutil.LimitListener(ln, lim.MaxConns), nil
+	return netutil.LimitListener(newReserveListener(ln, adminReserve, nil, nil), lim.MaxConns), nil
 }
 
 // adminServer serves h with every timeout set: a silent, slow or idle admin connection is
