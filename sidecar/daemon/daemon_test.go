@@ -411,3 +411,57 @@ func TestRefreshOwnAddrs(t *testing.T) {
 		time.Sleep(10 * time.Millisecond)
 	}
 }
+
+// The explicit listener hands over a connection only once its first bytes arrived
+// (TCP_DEFER_ACCEPT): a client that connects and says nothing is not accepted within the
+// first second, and is the moment it sends. The transparent listener accepts at once: SMTP,
+// MySQL and SSH clients wait for the server to speak.
+func TestExplicitListenerAcceptsOnFirstBytes(t *testing.T) {
+	log := slog.New(slog.DiscardHandler)
+	explicit, err := listenExplicit(listenConfig(), log, sidecarConfig(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	transparent, err := listenTransparent(listenConfig(), log, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, ln := range append(explicit, transparent...) {
+		defer ln.Close()
+	}
+	accept := func(ln net.Listener, within time.Duration) (net.Conn, error) {
+		ln.(*net.TCPListener).SetDeadline(time.Now().Add(within))
+		return ln.Accept()
+	}
+	for _, ln := range explicit {
+		c, err := net.Dial("tcp", ln.Addr().String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		// The kernel hands a silent connection over only after its first SYN-ACK
+		// retransmission, a second after the handshake: 300 ms is well inside that.
+		if sc, err := accept(ln, 300*time.Millisecond); err == nil {
+			sc.Close()
+			t.Fatalf("explicit listener %v accepted a connection that sent nothing", ln.Addr())
+		}
+		c.Write([]byte("C"))
+		sc, err := accept(ln, 5*time.Second)
+		if err != nil {
+			t.Fatalf("explicit listener %v: not accepted after the first byte: %v", ln.Addr(), err)
+		}
+		sc.Close()
+	}
+	for _, ln := range transparent {
+		c, err := net.Dial("tcp", ln.Addr().String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		sc, err := accept(ln, 5*time.Second)
+		if err != nil {
+			t.Fatalf("transparent listener %v did not accept a silent (server-first) client: %v", ln.Addr(), err)
+		}
+		sc.Close()
+	}
+}
