@@ -27,9 +27,10 @@ import (
 
 // Images the real-pod test runs (scripts/images.sh builds them; tags as it gives them).
 const (
-	imageSidecar = "localhost/egress-guard:dev"
-	imageInit    = "localhost/egress-guard-init:dev"
-	imagePause   = "localhost/egress-guard-e2e/pause:1"
+	imageSidecar    = "localhost/egress-guard:dev" // the proxy: gateway and injected sidecar
+	imageController = "localhost/egress-guard-controller:dev"
+	imageInit       = "localhost/egress-guard-init:dev"
+	imagePause      = "localhost/egress-guard-e2e/pause:1"
 	// The app: Debian's curl, a client nobody here wrote.
 	imageCurl = "localhost/egress-guard-e2e/curl:1"
 )
@@ -57,7 +58,7 @@ func requireImages(t *testing.T) []string {
 		dir = strings.TrimSpace(string(out))
 	}
 	var tars []string
-	for _, n := range []string{"egress-guard.tar", "egress-guard-init.tar", "pause.tar", "curl.tar"} {
+	for _, n := range []string{"egress-guard.tar", "egress-guard-controller.tar", "egress-guard-init.tar", "pause.tar", "curl.tar"} {
 		p := filepath.Join(dir, n)
 		if _, err := os.Stat(p); err != nil {
 			t.Fatalf("image %s: %v (scripts/images.sh builds it)", p, err)
@@ -68,7 +69,8 @@ func requireImages(t *testing.T) []string {
 }
 
 // The whole product on a real node: the platform team installs the chart (the control plane
-// runs as a real pod behind its Service and webhook), a workload team annotates a
+// runs from its own image as a real pod behind its Service and webhook; the sidecar is
+// injected from the proxy image), a workload team annotates a
 // Deployment, and the pods the kubelet runs on containerd come out captured: the init
 // container installs and verifies the rules in the pod's own network namespace, the native
 // sidecar gets its identity and policy from the control plane with its projected token,
@@ -130,6 +132,10 @@ image:
   repository: %s
   tag: %s
   pullPolicy: Never
+controller:
+  image:
+    repository: %s
+    tag: %s
 injector:
   enabled: true
   initImage:
@@ -140,7 +146,7 @@ policy:
     shop:
       service_accounts: ["shop/*"]
       allowed_destinations: ["%s:%s"]
-`, repo(imageSidecar), tag(imageSidecar), repo(imageInit), tag(imageInit), allowedHost, hostPort)), 0o644)
+`, repo(imageSidecar), tag(imageSidecar), repo(imageController), tag(imageController), repo(imageInit), tag(imageInit), allowedHost, hostPort)), 0o644)
 	root, _ := filepath.Abs("..")
 	start = time.Now()
 	if out, err := exec.CommandContext(ctx, helm, "install", release, filepath.Join(root, "charts", "egress-guard"),
@@ -148,6 +154,19 @@ policy:
 		t.Fatalf("helm install: %v\n%s", err, out)
 	}
 	t.Logf("helm install --wait (control plane pods Ready) in %v", time.Since(start).Round(time.Millisecond))
+	// The control plane runs from its own image, not the proxy's.
+	cps, err := c.CoreV1().Pods(ns).List(ctx, metav1.ListOptions{LabelSelector: "app.kubernetes.io/component=controller"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(cps.Items) == 0 {
+		t.Fatal("no control plane pods")
+	}
+	for _, p := range cps.Items {
+		if img := p.Spec.Containers[0].Image; img != imageController {
+			t.Fatalf("control plane pod %s runs %s, want %s", p.Name, img, imageController)
+		}
+	}
 	// The cluster DNS answers the control plane's Service name, as CoreDNS would.
 	if err := node.SetServiceDNS(ctx, ns, fullname); err != nil {
 		t.Fatal(err)
@@ -181,6 +200,9 @@ policy:
 	if strings.Join(inits, ",") != "egress-guard-init,egress-guard" || pod.Spec.InitContainers[1].RestartPolicy == nil ||
 		*pod.Spec.InitContainers[1].RestartPolicy != corev1.ContainerRestartPolicyAlways {
 		t.Fatalf("init containers %v: want the capture init container, then the native sidecar", inits)
+	}
+	if img := pod.Spec.InitContainers[1].Image; img != imageSidecar {
+		t.Fatalf("the injected sidecar runs %s, want the proxy image %s", img, imageSidecar)
 	}
 	if pod.Annotations[inject.AnnotationStatus] == "" {
 		t.Fatalf("pod has no %s annotation", inject.AnnotationStatus)

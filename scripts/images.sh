@@ -4,10 +4,11 @@
 # into a cache outside the clone:
 #
 #   ${EGRESS_GUARD_CACHE:-$HOME/.cache/egress-guard}/images/
-#     egress-guard.tar       localhost/egress-guard:dev                 (Dockerfile.sidecar, unchanged)
-#     egress-guard-init.tar  localhost/egress-guard-init:dev            (Dockerfile.init, unchanged)
-#     pause.tar              localhost/egress-guard-e2e/pause:1         (internal/kubelab/pause)
-#     curl.tar               localhost/egress-guard-e2e/curl:1          (Debian + curl: the test app)
+#     egress-guard.tar             localhost/egress-guard:dev             (Dockerfile.sidecar, unchanged)
+#     egress-guard-controller.tar  localhost/egress-guard-controller:dev  (Dockerfile.controller, unchanged)
+#     egress-guard-init.tar        localhost/egress-guard-init:dev        (Dockerfile.init, unchanged)
+#     pause.tar                    localhost/egress-guard-e2e/pause:1     (internal/kubelab/pause)
+#     curl.tar                     localhost/egress-guard-e2e/curl:1      (Debian + curl: the test app)
 #
 # Prints that directory on stdout (progress goes to stderr). Needs root, buildah and,
 # the first time only, debootstrap and the Debian mirror apt uses.
@@ -33,10 +34,12 @@
 #   cold, empty cache and a Go build cache cold for these flags: 8 min 14 s
 #     (debootstrap 114 s, base images 27 s, Dockerfile.sidecar 296 s, of which most is the
 #     first compile of egress-guard-controller, Dockerfile.init 40 s incl. apt-get, pause 2 s,
-#     curl image 32 s incl. apt-get)
+#     curl image 32 s incl. apt-get; measured when Dockerfile.sidecar still built both
+#     binaries, which Dockerfile.sidecar and Dockerfile.controller now share between them)
 #   empty cache but rootfs-bookworm.tar kept, Go build cache warm: 74 s
 #   warm, nothing changed: 1.7-2.9 s (hashing the sources; buildah is not run)
-#   warm, a source file changed (both project images rebuilt, Go caches warm): 50-82 s
+#   warm, a source file changed (the three project images rebuilt, Go caches warm): 33-47 s
+#     at load average 2 (50-82 s for the two images of then, at load 5-7)
 #
 # Usage: export EGRESS_GUARD_IMAGES=$(scripts/images.sh)
 set -euo pipefail
@@ -100,6 +103,7 @@ k_distroless="$({
   cat /etc/ssl/certs/ca-certificates.crt
 } | hash)"
 k_sidecar="$(echo "sidecar $KEY_VERSION $src_key $k_golang $k_distroless" | hash)"
+k_controller="$(echo "controller $KEY_VERSION $src_key $k_golang $k_distroless" | hash)"
 k_init="$(echo "init $KEY_VERSION $src_key $k_golang $k_debian" | hash)"
 k_pause="$({
   echo "pause $KEY_VERSION $goversion"
@@ -107,15 +111,17 @@ k_pause="$({
 } | hash)"
 k_curl="$(echo "curl $KEY_VERSION $k_debian" | hash)"
 
-IMAGES=(egress-guard egress-guard-init pause curl)
+IMAGES=(egress-guard egress-guard-controller egress-guard-init pause curl)
 declare -A TAG=(
   [egress-guard]=localhost/egress-guard:dev
+  [egress-guard-controller]=localhost/egress-guard-controller:dev
   [egress-guard-init]=localhost/egress-guard-init:dev
   [pause]=localhost/egress-guard-e2e/pause:1
   [curl]=localhost/egress-guard-e2e/curl:1
 )
 declare -A KEY=(
   [egress-guard]=$k_sidecar
+  [egress-guard-controller]=$k_controller
   [egress-guard-init]=$k_init
   [pause]=$k_pause
   [curl]=$k_curl
@@ -321,6 +327,12 @@ if ! fresh egress-guard; then
   ensure_golang
   ensure_distroless
   bud egress-guard Dockerfile.sidecar
+fi
+
+if ! fresh egress-guard-controller; then
+  ensure_golang
+  ensure_distroless
+  bud egress-guard-controller Dockerfile.controller
 fi
 
 if ! fresh egress-guard-init; then

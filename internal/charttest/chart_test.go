@@ -171,8 +171,12 @@ func TestTemplateDefault(t *testing.T) {
 		}
 	}
 	c := pod.Containers[0]
-	if want := "ghcr.io/egress-guard/egress-guard:" + chartAppVersion(t, x.chart); c.Image != want {
+	// The control plane runs from its own image (Dockerfile.controller), not the proxy's.
+	if want := "ghcr.io/egress-guard/egress-guard-controller:" + chartAppVersion(t, x.chart); c.Image != want {
 		t.Errorf("image %q, want %q", c.Image, want)
+	}
+	if c.ImagePullPolicy != corev1.PullIfNotPresent {
+		t.Errorf("imagePullPolicy %q, want IfNotPresent (image.pullPolicy)", c.ImagePullPolicy)
 	}
 	if !slices.Equal(c.Command, []string{"/usr/local/bin/egress-guard-controller"}) {
 		t.Errorf("command %v", c.Command)
@@ -327,6 +331,16 @@ func TestTemplateAllEnabled(t *testing.T) {
 	if err := controller.Settings(&cfg).Load("controller", nil, func(k string) string { return ctlEnv[k] }); err != nil {
 		t.Fatalf("the controller refuses the chart's environment: %v", err)
 	}
+	// The injected sidecar and the gateway run the proxy image; the controller its own.
+	appVersion := chartAppVersion(t, x.chart)
+	proxyImage := "ghcr.io/egress-guard/egress-guard:" + appVersion
+	if got, want := ctl.Spec.Template.Spec.Containers[0].Image, "ghcr.io/egress-guard/egress-guard-controller:"+appVersion; got != want {
+		t.Errorf("controller image %q, want %q", got, want)
+	}
+	if cfg.Inject.SidecarImage != proxyImage || cfg.Inject.InitImage != "ghcr.io/egress-guard/egress-guard-init:"+appVersion {
+		t.Errorf("injected images: sidecar %q, init %q; want the proxy image %q and the init image",
+			cfg.Inject.SidecarImage, cfg.Inject.InitImage, proxyImage)
+	}
 	if cfg.WebhookPort != 9443 || cfg.Inject.SidecarImage == "" || cfg.Inject.InitImage == "" || cfg.InjectCAFile != "/etc/egress-guard/tls/ca.crt" ||
 		cfg.Inject.ControlPlaneURL != "https://"+fullname+"."+ns+".svc:443" || cfg.Inject.ProxyUID != contract.ProxyUID || cfg.Inject.UDPPolicy != "drop" ||
 		cfg.Inject.Resources.Limits.Memory().String() != "128Mi" {
@@ -337,6 +351,9 @@ func TestTemplateAllEnabled(t *testing.T) {
 	decode(t, find(t, objs, "Deployment", fullname+"-gateway"), &gw)
 	checkPodHardening(t, "gateway", gw.Spec.Template.Spec)
 	gc := gw.Spec.Template.Spec.Containers[0]
+	if gc.Image != proxyImage || gc.ImagePullPolicy != corev1.PullIfNotPresent {
+		t.Errorf("gateway image %q (%s), want %q (IfNotPresent)", gc.Image, gc.ImagePullPolicy, proxyImage)
+	}
 	wantEnv := map[string]string{
 		contract.EnvMode: contract.ModeGateway, "PROXY_PORT": "4750", "METRICS_PORT": "9090",
 		contract.EnvPolicyPath: "/etc/config/egress-policy.yaml", "TOKEN_AUTH": "auto", "TOKEN_AUDIENCE": contract.TokenAudience,
@@ -470,6 +487,37 @@ func TestValues(t *testing.T) {
 		t.Errorf("limit in bytes: GOMEMLIMIT %q", got)
 	}
 
+	// The images: the controller's own settings move only the controller; the proxy's move the
+	// gateway and the injected sidecar, and its pull policy is the controller's default.
+	images := func(args ...string) (ctl corev1.Container, gw corev1.Container, sidecar string) {
+		t.Helper()
+		objs := render(x, append([]string{"--set", "gateway.enabled=true", "--set", "injector.enabled=true"}, args...)...)
+		var d appsv1.Deployment
+		decode(t, find(t, objs, "Deployment", fullname), &d)
+		ctl = d.Spec.Template.Spec.Containers[0]
+		decode(t, find(t, objs, "Deployment", fullname+"-gateway"), &d)
+		return ctl, d.Spec.Template.Spec.Containers[0], env(ctl)["INJECT_SIDECAR_IMAGE"]
+	}
+	appVersion := chartAppVersion(t, x.chart)
+	for _, tc := range []struct {
+		args                           []string
+		ctl, ctlPull, proxy, proxyPull string
+	}{
+		{nil, "ghcr.io/egress-guard/egress-guard-controller:" + appVersion, "IfNotPresent", "ghcr.io/egress-guard/egress-guard:" + appVersion, "IfNotPresent"},
+		{[]string{"--set", "controller.image.repository=reg.example/ctl", "--set", "controller.image.tag=v2", "--set", "controller.image.pullPolicy=Always"},
+			"reg.example/ctl:v2", "Always", "ghcr.io/egress-guard/egress-guard:" + appVersion, "IfNotPresent"},
+		{[]string{"--set", "image.repository=reg.example/proxy", "--set", "image.tag=v3", "--set", "image.pullPolicy=Never"},
+			"ghcr.io/egress-guard/egress-guard-controller:" + appVersion, "Never", "reg.example/proxy:v3", "Never"},
+	} {
+		ctl, gw, sidecar := images(tc.args...)
+		if ctl.Image != tc.ctl || string(ctl.ImagePullPolicy) != tc.ctlPull {
+			t.Errorf("%v: controller image %q (%s), want %q (%s)", tc.args, ctl.Image, ctl.ImagePullPolicy, tc.ctl, tc.ctlPull)
+		}
+		if gw.Image != tc.proxy || string(gw.ImagePullPolicy) != tc.proxyPull || sidecar != tc.proxy {
+			t.Errorf("%v: gateway image %q (%s), injected sidecar %q, want %q (%s)", tc.args, gw.Image, gw.ImagePullPolicy, sidecar, tc.proxy, tc.proxyPull)
+		}
+	}
+
 	// A user policy arrives in the ConfigMap unchanged in meaning.
 	pol := `policy:
   identities:
@@ -503,6 +551,9 @@ func TestValues(t *testing.T) {
 		{[]string{"--set", "injector.nativeSidecar=sometimes"}, "nativeSidecar"},
 		{[]string{"--set", "image.repository="}, "repository"},
 		{[]string{"--set", "image.pullPolicy=Sometimes"}, "pullPolicy"},
+		{[]string{"--set", "controller.image.repository="}, "repository"},
+		{[]string{"--set", "controller.image.pullPolicy=Sometimes"}, "pullPolicy"},
+		{[]string{"--set", "controller.image.registry=x"}, "registry"},
 		{[]string{"--set", "gatway.enabled=true"}, "gatway"},
 		{[]string{"--set", "gateway.tokenAuth=maybe"}, "tokenAuth"},
 		{[]string{"--set", "injector.redirectPort=70000"}, "redirectPort"},

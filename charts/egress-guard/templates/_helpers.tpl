@@ -73,8 +73,15 @@ carries the namespace: two releases of the same name in two namespaces do not co
 {{- printf "%s.%s.svc" (include "egress-guard.controllerName" .) .Release.Namespace -}}
 {{- end -}}
 
+{{/* The proxy image (Dockerfile.sidecar): the gateway and the injected sidecar. */}}
 {{- define "egress-guard.image" -}}
 {{- printf "%s:%s" .Values.image.repository (.Values.image.tag | default .Chart.AppVersion | toString) -}}
+{{- end -}}
+
+{{/* The control plane's image (Dockerfile.controller). */}}
+{{- define "egress-guard.controllerImage" -}}
+{{- $img := .Values.controller.image -}}
+{{- printf "%s:%s" $img.repository ($img.tag | default .Chart.AppVersion | toString) -}}
 {{- end -}}
 
 {{/*
