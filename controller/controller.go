@@ -106,6 +106,14 @@ func Settings(c *Config) *settings.Set {
 	s.Ports(&c.Inject.ExcludePorts, "INJECT_EXCLUDE_PORTS", "", "", "destination TCP ports the capture leaves alone")
 	s.OneOf(&c.Inject.UDPPolicy, []string{"drop", "reject", "allow"}, "INJECT_UDP_POLICY", "", "drop", "non-DNS UDP from captured pods")
 	s.OneOf(&c.NativeMode, []string{"auto", "true", "false"}, "INJECT_NATIVE_SIDECAR", "", "auto", "inject a native sidecar (auto: API server 1.29 or later)")
+	s.Func("INJECT_SIDECAR_GOMAXPROCS", "", "1", "the sidecar's GOMAXPROCS; 0: the Go runtime's default (every CPU of the node without a CPU limit)", func(v string) error {
+		n, err := strconv.Atoi(v)
+		if err != nil || n < 0 {
+			return errors.New("want 0 or a positive number")
+		}
+		c.Inject.GoMaxProcs = n
+		return nil
+	})
 	s.Func("INJECT_SIDECAR_RESOURCES", "", "cpu=20m,memory=32Mi;memory=128Mi", "the sidecar's requests;limits", func(v string) error {
 		req, lim, _ := strings.Cut(v, ";")
 		var err error

@@ -23,6 +23,7 @@ import (
 	"github.com/egress-guard/egress-guard/controller/inject"
 	"github.com/egress-guard/egress-guard/internal/kubelab"
 	"github.com/egress-guard/egress-guard/internal/netlab"
+	"github.com/egress-guard/egress-guard/pkg/contract"
 )
 
 // Images the real-pod test runs (scripts/images.sh builds them; tags as it gives them).
@@ -232,6 +233,18 @@ policy:
 	}
 	side.wait(ctx, t, mark, "decision", map[string]string{"identity": "shop", "target": allowedHost + ":" + hostPort,
 		"action": "allowed", "reason": "rule"})
+
+	// The sidecar's Go runtime runs with what the injector set (the chart's goMaxProcs 1 and
+	// 80 % of the 128Mi memory limit), as its own metrics report from inside the pod.
+	metricsOut, err := inApp("curl", "-sS", "--max-time", "10", fmt.Sprintf("http://127.0.0.1:%d/metrics", contract.AdminPort))
+	if err != nil {
+		t.Fatalf("sidecar metrics: %v", err)
+	}
+	for _, want := range []string{"go_sched_gomaxprocs_threads 1\n", "go_gc_gomemlimit_bytes 1.07374176e+08\n"} {
+		if !strings.Contains(metricsOut, want) {
+			t.Fatalf("sidecar metrics lack %q", strings.TrimSpace(want))
+		}
+	}
 
 	// Denied: no rule names it; the server never sees a connection.
 	mark = side.mark(ctx, t)

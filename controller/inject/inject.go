@@ -58,6 +58,9 @@ type Config struct {
 	NativeSidecar   bool   // API server 1.29 or later
 	TokenSeconds    int64  // projected token lifetime (default 3600)
 	Resources       corev1.ResourceRequirements
+	// GoMaxProcs is the sidecar's GOMAXPROCS; 0 leaves the Go runtime's default, which is
+	// every CPU of the node when the container has no CPU limit (and never less than 2).
+	GoMaxProcs int
 }
 
 // Refusal is a pod the injector will not admit, with what to change.
@@ -245,12 +248,12 @@ func (cfg Config) sidecar() corev1.Container {
 	return corev1.Container{
 		Name:  contract.SidecarContainer,
 		Image: cfg.SidecarImage,
-		Env: []corev1.EnvVar{
+		Env: append([]corev1.EnvVar{
 			{Name: contract.EnvMode, Value: contract.ModeSidecar},
 			{Name: contract.EnvControlPlane, Value: cfg.ControlPlaneURL},
 			{Name: contract.EnvControlCAPEM, Value: cfg.ControlPlaneCA},
 			{Name: contract.EnvTokenPath, Value: contract.DefaultTokenPath},
-		},
+		}, cfg.runtimeEnv()...),
 		Ports:          []corev1.ContainerPort{{Name: "eg-metrics", ContainerPort: contract.AdminPort}},
 		StartupProbe:   ready,
 		ReadinessProbe: &corev1.Probe{ProbeHandler: ready.ProbeHandler, PeriodSeconds: 5},
@@ -265,6 +268,26 @@ func (cfg Config) sidecar() corev1.Container {
 			Capabilities:             &corev1.Capabilities{Drop: []corev1.Capability{"ALL"}},
 		},
 	}
+}
+
+// runtimeEnv is the Go runtime's settings for the sidecar, from the platform's configuration:
+//
+//   - GOMAXPROCS: a sidecar serves one pod, and without a CPU limit the runtime would run a
+//     scheduler slot per node CPU (and up to a quarter of them as GC workers). Every
+//     connection is a few scheduler wake-ups; with one slot they need no hand-off between
+//     threads: on the sequential CONNECT benchmark GOMAXPROCS=1 cost a quarter less CPU per
+//     connection than 2, with the same bulk throughput.
+//   - GOMEMLIMIT: 80 % of the memory limit, so that the GC works harder before the kernel's OOM
+//     killer does (the chart sets the same for its own Deployments).
+func (cfg Config) runtimeEnv() []corev1.EnvVar {
+	var env []corev1.EnvVar
+	if cfg.GoMaxProcs > 0 {
+		env = append(env, corev1.EnvVar{Name: "GOMAXPROCS", Value: strconv.Itoa(cfg.GoMaxProcs)})
+	}
+	if mem, ok := cfg.Resources.Limits[corev1.ResourceMemory]; ok && mem.Value() > 0 {
+		env = append(env, corev1.EnvVar{Name: "GOMEMLIMIT", Value: strconv.FormatInt(mem.Value()/10*8, 10)})
+	}
+	return env
 }
 
 // status is the status annotation: the version and a hash of what was injected, so that an

@@ -29,6 +29,7 @@ func testConfig() Config {
 		ExcludePorts:    []uint16{5432},
 		UDPPolicy:       "drop",
 		NativeSidecar:   true,
+		GoMaxProcs:      1,
 		Resources: corev1.ResourceRequirements{
 			Requests: corev1.ResourceList{corev1.ResourceCPU: resource.MustParse("20m"), corev1.ResourceMemory: resource.MustParse("32Mi")},
 			Limits:   corev1.ResourceList{corev1.ResourceMemory: resource.MustParse("128Mi")},
@@ -93,5 +94,31 @@ func TestMutateGolden(t *testing.T) {
 				t.Fatalf("got:\n%s\nwant:\n%s", got, want)
 			}
 		})
+	}
+}
+
+// The sidecar's Go runtime settings: GOMAXPROCS only when the platform set one, GOMEMLIMIT 80 %
+// of the memory limit only when there is one.
+func TestSidecarRuntimeEnv(t *testing.T) {
+	env := func(cfg Config) map[string]string {
+		out := map[string]string{}
+		for _, e := range cfg.sidecar().Env {
+			out[e.Name] = e.Value
+		}
+		return out
+	}
+	cfg := testConfig()
+	cfg.GoMaxProcs = 2
+	cfg.Resources.Limits = corev1.ResourceList{corev1.ResourceMemory: resource.MustParse("100M")}
+	if got := env(cfg); got["GOMAXPROCS"] != "2" || got["GOMEMLIMIT"] != "80000000" {
+		t.Fatalf("GOMAXPROCS %q, GOMEMLIMIT %q; want 2 and 80000000", got["GOMAXPROCS"], got["GOMEMLIMIT"])
+	}
+	cfg.GoMaxProcs, cfg.Resources.Limits = 0, nil
+	got := env(cfg)
+	if _, ok := got["GOMAXPROCS"]; ok {
+		t.Fatalf("GOMAXPROCS %q with GoMaxProcs 0, want the runtime's default", got["GOMAXPROCS"])
+	}
+	if _, ok := got["GOMEMLIMIT"]; ok {
+		t.Fatalf("GOMEMLIMIT %q without a memory limit", got["GOMEMLIMIT"])
 	}
 }

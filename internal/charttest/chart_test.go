@@ -343,7 +343,7 @@ func TestTemplateAllEnabled(t *testing.T) {
 	}
 	if cfg.WebhookPort != 9443 || cfg.Inject.SidecarImage == "" || cfg.Inject.InitImage == "" || cfg.InjectCAFile != "/etc/egress-guard/tls/ca.crt" ||
 		cfg.Inject.ControlPlaneURL != "https://"+fullname+"."+ns+".svc:443" || cfg.Inject.ProxyUID != contract.ProxyUID || cfg.Inject.UDPPolicy != "drop" ||
-		cfg.Inject.Resources.Limits.Memory().String() != "128Mi" {
+		cfg.Inject.Resources.Limits.Memory().String() != "128Mi" || cfg.Inject.GoMaxProcs != 1 {
 		t.Fatalf("injector configuration from the chart: %+v", cfg)
 	}
 
@@ -559,6 +559,7 @@ func TestValues(t *testing.T) {
 		{[]string{"--set", "injector.redirectPort=70000"}, "redirectPort"},
 		{[]string{"--set", "injector.excludePorts={http}"}, "excludePorts"},
 		{[]string{"--set", "injector.excludeCIDRs={10.0.0.1}"}, "excludeCIDRs"},
+		{[]string{"--set", "injector.sidecar.goMaxProcs=-1"}, "goMaxProcs"},
 		{[]string{"--set", "controller.replicas=two"}, "replicas"},
 		{[]string{"--set", "controller.logLevel=TRACE"}, "logLevel"},
 		{[]string{"--set", "controller.goMemLimit=lots"}, "goMemLimit"},
