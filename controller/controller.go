@@ -37,6 +37,7 @@ import (
 	"github.com/egress-guard/egress-guard/controller/policyserver"
 	"github.com/egress-guard/egress-guard/pkg/accesslog"
 	"github.com/egress-guard/egress-guard/pkg/contract"
+	"github.com/egress-guard/egress-guard/pkg/fdreserve"
 	"github.com/egress-guard/egress-guard/pkg/metrics"
 	"github.com/egress-guard/egress-guard/pkg/policy"
 	"github.com/egress-guard/egress-guard/pkg/settings"
@@ -239,7 +240,9 @@ func Run(ctx context.Context, cfg Config, out io.Writer) error {
 	go watcher.Run(bg)
 	errc := make(chan error, 2)
 	go func() { errc <- ps.Serve(tls.NewListener(apiLn, tlsConfig)) }()
-	go func() { errc <- admin.Serve(adminLn) }()
+	// Every sidecar holds a connection to the policy listener: the admin endpoints keep a few
+	// descriptors in reserve so that the liveness probe is still answered if they run out.
+	go func() { errc <- admin.Serve(fdreserve.Listen(adminLn, fdreserve.AdminReserve)) }()
 	if webhook != nil {
 		go func() { errc <- webhook.srv.ServeTLS(webhook.ln, "", "") }()
 	}

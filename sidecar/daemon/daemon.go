@@ -16,6 +16,7 @@ import (
 
 	"github.com/egress-guard/egress-guard/pkg/accesslog"
 	"github.com/egress-guard/egress-guard/pkg/addrclass"
+	"github.com/egress-guard/egress-guard/pkg/fdreserve"
 	"github.com/egress-guard/egress-guard/pkg/metrics"
 	"github.com/egress-guard/egress-guard/pkg/resolver"
 	"github.com/egress-guard/egress-guard/sidecar/proxy"
@@ -281,16 +282,16 @@ func listenLoopback(lc net.ListenConfig, log *slog.Logger, what string, port uin
 
 // listenAdmin listens for /health, /ready and /metrics on adminHost:METRICS_PORT, accepting
 // at most Admin.MaxConns connections at a time: the others wait in the kernel's accept queue
-// (bounded by its backlog) and hold no descriptor of the process. It keeps adminReserve
-// descriptors in reserve, so that the probes are still answered while the process is out of
-// descriptors (see reserveListener).
+// (bounded by its backlog) and hold no descriptor of the process. It keeps a few descriptors
+// in reserve, so that the probes are still answered while the process is out of them (see
+// pkg/fdreserve).
 func listenAdmin(cfg Config) (net.Listener, error) {
 	lim := cfg.Admin.withDefaults()
 	ln, err := net.Listen("tcp", net.JoinHostPort(adminHost(cfg), strconv.Itoa(int(cfg.MetricsPort))))
 	if err != nil {
 		return nil, fmt.Errorf("metrics listener: %w", err)
 	}
-	return netutil.LimitListener(newReserveListener(ln, adminReserve, nil, nil), lim.MaxConns), nil
+	return netutil.LimitListener(fdreserve.Listen(ln, fdreserve.AdminReserve), lim.MaxConns), nil
 }
 
 // adminServer serves h with every timeout set: a silent, slow or idle admin connection is

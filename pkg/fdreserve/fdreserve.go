@@ -1,4 +1,11 @@
-package daemon
+// Package fdreserve keeps a listener accepting while the process is out of file descriptors:
+// the admin endpoints (/health, /ready, /metrics) of the proxy and of the control plane.
+// Without it, many clients can take every descriptor: the proxy's accept loops back off and
+// recover once the clients go, but the admin listener cannot accept either, the kubelet's
+// liveness probe on /health fails, and the kubelet restarts the container, cutting every live
+// tunnel (or every sidecar's policy connection): an outage made of an exhaustion that would
+// otherwise pass.
+package fdreserve
 
 import (
 	"errors"
@@ -11,23 +18,20 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// adminReserve is how many descriptors the admin listener keeps in reserve (see
-// reserveListener): enough for the kubelet's liveness and readiness probes and a scrape at
-// once, few enough to cost the proxy almost nothing of its budget.
-const adminReserve = 4
+// AdminReserve is how many descriptors an admin listener keeps in reserve: enough for the
+// kubelet's liveness and readiness probes and a scrape at once, few enough to cost the
+// process almost nothing of its budget.
+const AdminReserve = 4
 
-// reserveListener keeps the admin endpoints answering while the process is out of file
-// descriptors. Without it, many silent clients can take every descriptor: the proxy's accept
-// loops back off and recover once the clients go, but the admin listener cannot accept either,
-// the kubelet's liveness probe on /health fails, and the kubelet restarts the container,
-// cutting every live tunnel: an outage made of an exhaustion that would otherwise pass.
-//
-// So it holds a few descriptors (of /dev/null) that nothing else can take. When Accept fails
-// because the process (EMFILE) or the system (ENFILE) is out of descriptors, it waits until a
-// connection is queued, closes one reserve descriptor and accepts again at once, into the
-// descriptor just freed. When that connection closes, its descriptor goes back into the
-// reserve. With the reserve spent, Accept returns the error as before (net/http backs off and
-// retries).
+// Listen wraps ln with a reserve of size descriptors (see reserveListener).
+func Listen(ln net.Listener, size int) net.Listener { return newReserveListener(ln, size, nil, nil) }
+
+// reserveListener holds a few descriptors (of /dev/null) that nothing else can take. When
+// Accept fails because the process (EMFILE) or the system (ENFILE) is out of descriptors, it
+// waits until a connection is queued, closes one reserve descriptor and accepts again at once,
+// into the descriptor just freed. When that connection closes, its descriptor goes back into
+// the reserve. With the reserve spent, Accept returns the error as before (net/http backs off
+// and retries).
 //
 // The wait matters: accept(2) takes a descriptor before it looks at the queue, so it fails
 // with EMFILE even when no connection is waiting, as it does each time net/http calls Accept
