@@ -7,7 +7,9 @@
 # Knobs: RUNS (default 1), BENCH_ARGS (default a shortened run, see below), EG_PORT (14750),
 # LOGS (file|off, passed to run-peers.sh; egress-guard logs to a file under OUT either way,
 # or to /dev/null with LOGS=off), BASELINE_BIN (another egress-guard binary, e.g. built from an
-# earlier commit, benched in the same run as "eg-baseline" for before/after numbers).
+# earlier commit, benched in the same run as "eg-baseline" for before/after numbers), SIDECAR
+# (default 1: also bench the same binary as "eg-sidecar", with the runtime settings the injector
+# gives a sidecar: GOMAXPROCS=1; 0 to skip).
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 SHARED=${SHARED:-$ROOT/../shared}
@@ -34,10 +36,11 @@ NOFILE=$(ulimit -Hn)
 if [ "$NOFILE" = unlimited ] || [ "$NOFILE" -gt 65536 ]; then NOFILE=65536; fi
 ulimit -n "$NOFILE"
 
-# start_eg BIN PORT METRICS_PORT LOG: runs one egress-guard on the bench policy and waits
-# until it is ready; its pid is left in STARTED_PID.
+# start_eg BIN PORT METRICS_PORT LOG [ENV...]: runs one egress-guard on the bench policy, with
+# ENV (NAME=value) in its environment, and waits until it is ready; its pid is left in
+# STARTED_PID.
 start_eg() {
-  PROXY_PORT=$2 METRICS_PORT=$3 LISTEN_ADDR=127.0.0.1 CONFIGMAP_PATH="$OUT/bench-policy.yaml" \
+  env "${@:5}" PROXY_PORT=$2 METRICS_PORT=$3 LISTEN_ADDR=127.0.0.1 CONFIGMAP_PATH="$OUT/bench-policy.yaml" \
     MAX_TUNNELS=30000 LOG_LEVEL=INFO "$1" >"$4" 2>&1 &
   STARTED_PID=$!
   PIDS_TO_STOP="${PIDS_TO_STOP:-} $STARTED_PID"
@@ -53,6 +56,12 @@ EG_LOG="$OUT/egress-guard.log"
 [ "${LOGS:-file}" = off ] && EG_LOG=/dev/null
 start_eg "$ROOT/bin/egress-guard" "$EG_PORT" "$EG_METRICS" "$EG_LOG"
 EXTRA="egress-guard=127.0.0.1:$EG_PORT@$STARTED_PID"
+if [ "${SIDECAR:-1}" != 0 ]; then
+  SC_LOG="$OUT/eg-sidecar.log"
+  [ "${LOGS:-file}" = off ] && SC_LOG=/dev/null
+  start_eg "$ROOT/bin/egress-guard" $((EG_PORT + 2)) $((EG_METRICS + 2)) "$SC_LOG" GOMAXPROCS=1
+  EXTRA="$EXTRA eg-sidecar=127.0.0.1:$((EG_PORT + 2))@$STARTED_PID"
+fi
 if [ -n "${BASELINE_BIN:-}" ]; then
   start_eg "$BASELINE_BIN" $((EG_PORT + 1)) $((EG_METRICS + 1)) "$OUT/eg-baseline.log"
   EXTRA="$EXTRA eg-baseline=127.0.0.1:$((EG_PORT + 1))@$STARTED_PID"
@@ -62,4 +71,7 @@ EXTRA="$EXTRA" "$BENCHDIR/run-peers.sh"
 # Ratios of egress-guard to each peer, from the medians.
 "$OUT/egressbench" report "$OUT/results.jsonl" > "$OUT/report.txt" 2>&1 || true
 go run "$ROOT/scripts/benchratio" "$OUT/results.jsonl" egress-guard | tee "$OUT/ratios.txt"
+if [ "${SIDECAR:-1}" != 0 ]; then
+  go run "$ROOT/scripts/benchratio" "$OUT/results.jsonl" eg-sidecar | tee -a "$OUT/ratios.txt"
+fi
 echo "bench-peers: results in $OUT" >&2
