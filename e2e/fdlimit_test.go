@@ -138,10 +138,11 @@ func connectThrough(ns *netlab.NS, target string, timeout time.Duration) (net.Co
 	return c, br, nil
 }
 
-// TestFDExhaustion: the real binary with 64 descriptors. Silent connections take them all;
-// the accept loop then fails with EMFILE, backs off and logs it once (not per attempt), while
-// /health and /ready still answer (the admin listener's reserve). Once the connections close,
-// a new one is served, and the recovery is logged once, with the count of failed accepts.
+// TestFDExhaustion: the real binary with 64 descriptors. Connections that never finish their
+// request head take them all; the accept loop then fails with EMFILE, backs off and logs it
+// once (not per attempt), while /health and /ready still answer (the admin listener's
+// reserve). Once the connections close, a new one is served, and the recovery is logged once,
+// with the count of failed accepts.
 func TestFDExhaustion(t *testing.T) {
 	ns := ownNS(t, "egfd")
 	echo := echoListener(t, ns)
@@ -155,7 +156,9 @@ func TestFDExhaustion(t *testing.T) {
 
 	const failing, recovered = "accept failing; backing off", "accepting again"
 	// The kernel completes the handshakes into the listen backlog whether or not the proxy can
-	// accept them: dial until the proxy says it is out of descriptors.
+	// accept them: dial until the proxy says it is out of descriptors. Each sends the first
+	// byte of a request head and no more: the explicit listener's TCP_DEFER_ACCEPT hands over
+	// only connections that sent something, and the head then waits for HEADER_TIMEOUT.
 	var held []net.Conn
 	defer func() {
 		for _, c := range held {
@@ -172,6 +175,9 @@ func TestFDExhaustion(t *testing.T) {
 				t.Fatalf("dial %d: %v", len(held)+1, err)
 			}
 			held = append(held, c)
+			if _, err := c.Write([]byte("C")); err != nil {
+				t.Fatalf("connection %d: %v", len(held), err)
+			}
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
