@@ -11,7 +11,6 @@ import (
 	"net/netip"
 	"strconv"
 	"sync/atomic"
-	"syscall"
 	"time"
 
 	"github.com/egress-guard/egress-guard/pkg/accesslog"
@@ -22,7 +21,6 @@ import (
 	"github.com/egress-guard/egress-guard/sidecar/proxy"
 	"github.com/egress-guard/egress-guard/sidecar/tunnel"
 	"golang.org/x/net/netutil"
-	"golang.org/x/sys/unix"
 )
 
 // Run serves until ctx is cancelled (the caller cancels it on SIGTERM or SIGINT), then drains:
@@ -222,7 +220,6 @@ func listenConfig() net.ListenConfig {
 // the pod's identity, so it serves this pod's apps only: it binds loopback, 127.0.0.1 and ::1
 // if the pod has it, whatever LISTEN_ADDR says (FromEnv refuses LISTEN_ADDR in sidecar mode).
 func listenExplicit(lc net.ListenConfig, log *slog.Logger, cfg Config) ([]net.Listener, error) {
-	lc.Control = deferAccept
 	if cfg.Mode == ModeSidecar {
 		return listenLoopback(lc, log, "proxy listener", cfg.ProxyPort)
 	}
@@ -231,30 +228,6 @@ func listenExplicit(lc net.ListenConfig, log *slog.Logger, cfg Config) ([]net.Li
 		return nil, fmt.Errorf("proxy listener: %w", err)
 	}
 	return []net.Listener{ln}, nil
-}
-
-// deferAcceptSeconds is the explicit listener's TCP_DEFER_ACCEPT: how long the kernel keeps a
-// connection that has sent nothing before handing it over anyway (then the head timeout runs).
-const deferAcceptSeconds = 1
-
-// deferAccept sets TCP_DEFER_ACCEPT on a listening socket: the kernel hands a connection to
-// accept only once its first bytes have arrived. Explicit clients always speak first (CONNECT
-// or a request line), so accepting and reading the head become one wake-up of the proxy
-// instead of two, a scheduler round trip saved on every connection (the sequential CONNECT
-// benchmark: about 3 fewer context switches and a quarter less proxy CPU per tunnel). A
-// client that connects and says nothing costs no descriptor for that second. Never on the
-// transparent listener: SMTP, MySQL and SSH clients wait for the server to speak first.
-func deferAccept(network, address string, c syscall.RawConn) error {
-	var serr error
-	if err := c.Control(func(fd uintptr) {
-		serr = unix.SetsockoptInt(int(fd), unix.IPPROTO_TCP, unix.TCP_DEFER_ACCEPT, deferAcceptSeconds)
-	}); err != nil {
-		return err
-	}
-	if serr != nil {
-		return fmt.Errorf("TCP_DEFER_ACCEPT on %s: %w", address, serr)
-	}
-	return nil
 }
 
 // listenTransparent listens where the capture rules' REDIRECT sends locally generated
