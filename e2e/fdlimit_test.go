@@ -157,8 +157,8 @@ func TestFDExhaustion(t *testing.T) {
 	const failing, recovered = "accept failing; backing off", "accepting again"
 	// The kernel completes the handshakes into the listen backlog whether or not the proxy can
 	// accept them: dial until the proxy says it is out of descriptors. Each sends the first
-	// byte of a request head and no more: the explicit listener's TCP_DEFER_ACCEPT hands over
-	// only connections that sent something, and the head then waits for HEADER_TIMEOUT.
+	// byte of a request head and no more, so that its head waits for HEADER_TIMEOUT (a listener
+	// that accepts only once bytes arrived would not take a silent one within the test).
 	var held []net.Conn
 	defer func() {
 		for _, c := range held {
