@@ -183,7 +183,7 @@ func Run(ctx context.Context, cfg Config, out io.Writer) error {
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	pm := metrics.NewPolicy(reg)
 	cache := &tokenreview.Cache{Reviewer: kubeReviewer{client}, Audiences: []string{cfg.Audience}}
-	ps := &policyserver.Server{Auth: cache, MaxWait: cfg.MaxWait, Metrics: policyserver.NewMetrics(reg, cache)}
+	ps := &policyserver.Server{Auth: cache, MaxWait: cfg.MaxWait, Metrics: policyserver.NewMetrics(reg, cache), Log: log}
 
 	watcher := policy.NewWatcher(cfg.PolicyPath, cfg.WatchInterval, policy.Options{InternalDomains: cfg.InternalDomains},
 		func(p *policy.Policy, err error) {

@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/egress-guard/egress-guard/internal/netlab"
+	"github.com/egress-guard/egress-guard/pkg/contract"
 )
 
 // The proxy's ports inside a namespace of its own (see ownNS): nothing else listens there.
@@ -286,4 +287,97 @@ func mustJSONLine(p *netlab.Process, mark int, msg string) string {
 		}
 	}
 	return ""
+}
+
+// TestControlPlaneOutOfDescriptors: the real control plane with 96 descriptors, against a real
+// API server. Connections to its policy port take them all (every sidecar holds one there):
+// it must keep running, say so once, answer /health and /ready meanwhile (the kubelet's
+// probes), and serve a sidecar's policy request once the connections close.
+func TestControlPlaneOutOfDescriptors(t *testing.T) {
+	require(t, "prlimit")
+	e := startK8s(t)
+	ca, err := netlab.NewCA()
+	if err != nil {
+		t.Fatal(err)
+	}
+	caFile := filepath.Join(t.TempDir(), "ca.pem")
+	if err := os.WriteFile(caFile, ca.PEM, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	cp := newControlPlane(t, e, ca, caFile, "127.0.0.1")
+	cp.nofile = 96
+	cp.start(t)
+	p := cp.proc
+	lg := from(p)
+	mark := lg.mark
+
+	const failing, recovered = "accept failing; backing off", "accepting again"
+	var held []net.Conn
+	defer func() {
+		for _, c := range held {
+			c.Close()
+		}
+	}()
+	for len(p.RecordsAfter(mark, failing)) == 0 {
+		if p.Exited() {
+			t.Fatalf("the control plane exited with %d connections held:\n%s", len(held), p.Tail(10))
+		}
+		if len(held) >= 300 {
+			t.Fatalf("300 connections held and no %q line:\n%s", failing, p.Tail(10))
+		}
+		for range 10 {
+			c, err := net.DialTimeout("tcp", cp.addr, 3*time.Second)
+			if err != nil {
+				time.Sleep(100 * time.Millisecond)
+				if p.Exited() {
+					t.Fatalf("the control plane exited with %d connections held (dial: %v):\n%s", len(held), err, p.Tail(10))
+				}
+				t.Fatalf("dial %d: %v", len(held)+1, err)
+			}
+			held = append(held, c)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	// Out of descriptors for a while (the backoff grows to 1 s): still running, one line.
+	time.Sleep(2 * time.Second)
+	if p.Exited() {
+		t.Fatalf("the control plane exited while out of descriptors:\n%s", p.Tail(10))
+	}
+	if r := p.RecordsAfter(mark, failing); len(r) != 1 || r[0]["listener"] != "policy" || r[0]["fd_exhausted"] != true {
+		t.Fatalf("%q lines while exhausted: %v, want 1 for the policy listener with fd_exhausted", failing, r)
+	}
+	admin := fmt.Sprintf("http://127.0.0.1:%d", cp.metrics)
+	client := &http.Client{Timeout: 5 * time.Second}
+	for _, path := range []string{"/health", "/ready"} {
+		resp, err := client.Get(admin + path)
+		if err != nil {
+			t.Fatalf("GET %s while out of descriptors: %v", path, err)
+		}
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusOK {
+			t.Fatalf("GET %s while out of descriptors: %s", path, resp.Status)
+		}
+	}
+	t.Logf("exhausted with %d connections held; /health and /ready answered", len(held))
+
+	for _, c := range held {
+		c.Close()
+	}
+	held = nil
+	// A sidecar's policy request is served again.
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		code, body, hdr := cp.ask(t, e.token(t, "shop", "frontend", contract.TokenAudience, "app"))
+		if code == http.StatusOK && hdr.Get(contract.IdentityHeader) == "shop" {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("policy request after recovery: %d %s", code, body)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	rec := lg.wait(t, recovered, "listener", "policy")
+	if n, _ := rec["failed_accepts"].(float64); n < 2 {
+		t.Fatalf("recovery line: %v", rec)
+	}
 }

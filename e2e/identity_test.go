@@ -131,10 +131,19 @@ type controlPlaneProc struct {
 	env                       []string
 	addr, policy, caFile, url string
 	metrics                   int
+	nofile                    int // when not 0, the process's descriptor limit (prlimit)
 	proc                      *netlab.Process
 }
 
 func startControlPlane(t testing.TB, e *k8sEnv, ca *netlab.CA, caFile, hostIP string, extraEnv ...string) *controlPlaneProc {
+	t.Helper()
+	cp := newControlPlane(t, e, ca, caFile, hostIP, extraEnv...)
+	cp.start(t)
+	return cp
+}
+
+// newControlPlane prepares the control plane's certificate, policy and environment.
+func newControlPlane(t testing.TB, e *k8sEnv, ca *netlab.CA, caFile, hostIP string, extraEnv ...string) *controlPlaneProc {
 	t.Helper()
 	dir := t.TempDir()
 	cert, err := ca.Issue(hostIP)
@@ -155,13 +164,17 @@ func startControlPlane(t testing.TB, e *k8sEnv, ca *netlab.CA, caFile, hostIP st
 		"TLS_CERT_FILE=" + certFile, "TLS_KEY_FILE=" + keyFile, "CONFIGMAP_PATH=" + cp.policy,
 		"WATCH_INTERVAL=200ms", "KUBECONFIG=" + e.kubeconfig, "MAX_WAIT=30s"}
 	cp.env = append(cp.env, extraEnv...)
-	cp.start(t)
 	return cp
 }
 
 func (cp *controlPlaneProc) start(t testing.TB) {
 	t.Helper()
-	p, err := netlab.StartHost(binary(t, "./cmd/egress-guard-controller"), cp.env)
+	bin, args := binary(t, "./cmd/egress-guard-controller"), []string(nil)
+	if cp.nofile > 0 {
+		// prlimit execs the controller: the process keeps its PID.
+		bin, args = "prlimit", []string{fmt.Sprintf("--nofile=%d:%d", cp.nofile, cp.nofile), "--", bin}
+	}
+	p, err := netlab.StartHost(bin, cp.env, args...)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -27,6 +27,7 @@ import (
 	"encoding/hex"
 	"fmt"
 	"io"
+	"log/slog"
 	"net/http"
 	"strconv"
 	"strings"
@@ -56,6 +57,7 @@ type Server struct {
 	Auth    Authenticator
 	MaxWait time.Duration // cap on the wait a sidecar asks for (default 60s)
 	Metrics *Metrics
+	Log     *slog.Logger // accept failures (out of descriptors); nil discards
 
 	mu       sync.Mutex
 	gen      *generation

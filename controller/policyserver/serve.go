@@ -3,12 +3,13 @@ package policyserver
 import (
 	"bufio"
 	"context"
-	"errors"
 	"io"
+	"log/slog"
 	"net"
 	"net/http"
 	"time"
 
+	"github.com/egress-guard/egress-guard/pkg/acceptretry"
 	"github.com/egress-guard/egress-guard/pkg/tokenreview"
 )
 
@@ -41,19 +42,23 @@ type waiter struct {
 // Serve answers sidecars on ln (wrap it with tls.NewListener) until ln is closed.
 func (s *Server) Serve(ln net.Listener) error {
 	go s.sweep(ln)
-	var backoff time.Duration
+	log := s.Log
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	// Out of descriptors (every sidecar holds a connection here) is waited out: returning
+	// would stop the control plane.
+	var failing acceptretry.Episode
 	for {
 		c, err := ln.Accept()
 		if err != nil {
-			var ne net.Error
-			if errors.As(err, &ne) && ne.Timeout() {
-				backoff = min(max(2*backoff, 5*time.Millisecond), time.Second)
-				time.Sleep(backoff)
+			if acceptretry.Retryable(err) {
+				time.Sleep(failing.Failed(log, err, "listener", "policy", "addr", ln.Addr().String()))
 				continue
 			}
 			return err
 		}
-		backoff = 0
+		failing.Recovered(log, "listener", "policy", "addr", ln.Addr().String())
 		lr := &io.LimitedReader{R: c, N: maxRequestHead}
 		go s.serveConn(&conn{c: c, lr: lr, br: bufio.NewReaderSize(lr, 2048)}, true)
 	}

@@ -2,7 +2,6 @@ package proxy
 
 import (
 	"io"
-	"log/slog"
 	"net"
 	"net/http"
 	"os"
@@ -100,27 +99,5 @@ func TestAcceptOutOfDescriptorsBacksOffAndRecovers(t *testing.T) {
 		if recs := f.logs.records(mark, "accept failing; backing off"); len(recs) != 1 {
 			t.Fatalf("round %d: %d 'accept failing' lines, want 1", round, len(recs))
 		}
-	}
-}
-
-// The backoff doubles from 5ms to at most 1s, and starts over after an accept that worked.
-func TestAcceptBackoffSteps(t *testing.T) {
-	log := slog.New(slog.DiscardHandler)
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	errEMFILE := os.NewSyscallError("accept4", syscall.EMFILE)
-	var a acceptFailures
-	want := []time.Duration{5, 10, 20, 40, 80, 160, 320, 640, 1000, 1000}
-	for i, w := range want {
-		if got := a.failed(log, ln, listenerExplicit, errEMFILE); got != w*time.Millisecond {
-			t.Fatalf("failure %d: backoff %v, want %v", i+1, got, w*time.Millisecond)
-		}
-	}
-	a.recovered(log, ln, listenerExplicit)
-	if got := a.failed(log, ln, listenerExplicit, errEMFILE); got != 5*time.Millisecond {
-		t.Fatalf("first backoff of a new episode: %v, want 5ms", got)
 	}
 }

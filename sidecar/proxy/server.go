@@ -24,12 +24,11 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
-	"os"
 	"sync"
 	"sync/atomic"
-	"syscall"
 	"time"
 
+	"github.com/egress-guard/egress-guard/pkg/acceptretry"
 	"github.com/egress-guard/egress-guard/pkg/accesslog"
 	"github.com/egress-guard/egress-guard/pkg/addrclass"
 	"github.com/egress-guard/egress-guard/pkg/decision"
@@ -187,23 +186,22 @@ func (s *Server) serve(ln net.Listener, kind listenerKind) error {
 	s.mu.Unlock()
 	s.revalidator.Do(func() { go s.revalidateOnPolicyChange() })
 
-	var failing acceptFailures
+	var failing acceptretry.Episode
 	for {
 		nc, err := ln.Accept()
 		if err != nil {
 			if s.isClosed() {
 				return nil
 			}
-			// Out of descriptors and similar: wait rather than spin, as net/http does, and
-			// say so once per episode, not once per failed accept.
-			var ne net.Error
-			if errors.As(err, &ne) && ne.Timeout() || errors.Is(err, os.ErrDeadlineExceeded) || isTemporary(err) {
-				time.Sleep(failing.failed(s.cfg.Log, ln, kind, err))
+			// Out of descriptors and similar: wait rather than spin, and say so once per
+			// episode, not once per failed accept.
+			if acceptretry.Retryable(err) {
+				time.Sleep(failing.Failed(s.cfg.Log, err, "listener", kind.String(), "addr", ln.Addr().String()))
 				continue
 			}
 			return fmt.Errorf("accept on %s: %w", ln.Addr(), err)
 		}
-		failing.recovered(s.cfg.Log, ln, kind)
+		failing.Recovered(s.cfg.Log, "listener", kind.String(), "addr", ln.Addr().String())
 		conn, ok := nc.(*net.TCPConn)
 		if !ok {
 			nc.Close()
@@ -232,49 +230,6 @@ func (s *Server) serve(ln net.Listener, kind listenerKind) error {
 			go s.serveExplicit(ss)
 		}
 	}
-}
-
-func isTemporary(err error) bool {
-	var t interface{ Temporary() bool }
-	return errors.As(err, &t) && t.Temporary()
-}
-
-// Accept backoff: 5ms doubling to 1s, as net/http's.
-const (
-	acceptBackoffMin = 5 * time.Millisecond
-	acceptBackoffMax = time.Second
-)
-
-// acceptFailures is one accept loop's current episode of temporary accept failures (out of
-// descriptors: EMFILE, ENFILE). An episode is logged twice whatever its length: when it
-// starts, and when an accept works again, with the count of failed accepts. Per-failure
-// lines would be one line per backoff step for as long as the descriptors stay taken.
-type acceptFailures struct {
-	count   int
-	since   time.Time
-	backoff time.Duration
-}
-
-// failed records a failed accept and returns how long to wait before the next one.
-func (a *acceptFailures) failed(log *slog.Logger, ln net.Listener, kind listenerKind, err error) time.Duration {
-	if a.count == 0 {
-		a.since = time.Now()
-		log.Warn("accept failing; backing off", "listener", kind.String(), "addr", ln.Addr().String(),
-			"err", err.Error(), "fd_exhausted", errors.Is(err, syscall.EMFILE) || errors.Is(err, syscall.ENFILE))
-	}
-	a.count++
-	a.backoff = min(max(2*a.backoff, acceptBackoffMin), acceptBackoffMax)
-	return a.backoff
-}
-
-// recovered ends the episode, if any, after an accept that worked.
-func (a *acceptFailures) recovered(log *slog.Logger, ln net.Listener, kind listenerKind) {
-	if a.count == 0 {
-		return
-	}
-	log.Info("accepting again", "listener", kind.String(), "addr", ln.Addr().String(),
-		"failed_accepts", a.count, "duration_ms", time.Since(a.since).Milliseconds())
-	*a = acceptFailures{}
 }
 
 // Close stops accepting. Connections already accepted are left to the tracker's drain.
