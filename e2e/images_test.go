@@ -27,50 +27,39 @@ import (
 func TestImages(t *testing.T) {
 	dir := imagesDir(t)
 
-	t.Run("sidecar", func(t *testing.T) {
-		img := loadImage(t, filepath.Join(dir, "egress-guard.tar"), "localhost/egress-guard:dev")
-		img.wantPlatform(t)
-		if got := img.Config.Config.User; got != "15337:15337" {
-			t.Errorf("User = %q, want 15337:15337 (the UID the capture rules exempt)", got)
-		}
-		img.wantEntrypoint(t, "/usr/local/bin/egress-guard")
-		img.wantExecutable(t, "usr/local/bin/egress-guard")
-		// Every node pulls this image for the injected sidecar: the control plane (client-go,
-		// about 30 MB) has its own image.
-		if _, ok := img.resolve("usr/local/bin/egress-guard-controller"); ok {
-			t.Errorf("the sidecar image has usr/local/bin/egress-guard-controller: it belongs in the controller image")
-		}
-		img.wantDistroless(t)
-		// Measured 12.1 MiB uncompressed (the proxy, about 12 MB, and the base's few hundred
-		// KB); it was 40.2 MiB while it also carried the controller.
-		const limit = 14 << 20
-		t.Logf("sidecar image: %d bytes uncompressed (%.1f MiB) in %d layer(s), files %.1f MiB",
-			img.LayerBytes, mib(img.LayerBytes), len(img.Layers), mib(img.FileBytes))
-		if img.LayerBytes >= limit {
-			t.Errorf("sidecar image is %.1f MiB uncompressed, want < %.0f MiB", mib(img.LayerBytes), mib(limit))
-		}
-	})
-
-	t.Run("controller", func(t *testing.T) {
-		img := loadImage(t, filepath.Join(dir, "egress-guard-controller.tar"), "localhost/egress-guard-controller:dev")
-		img.wantPlatform(t)
-		if got := img.Config.Config.User; got != "15337:15337" {
-			t.Errorf("User = %q, want 15337:15337 (the chart's pod securityContext)", got)
-		}
-		img.wantEntrypoint(t, "/usr/local/bin/egress-guard-controller")
-		img.wantExecutable(t, "usr/local/bin/egress-guard-controller")
-		if _, ok := img.resolve("usr/local/bin/egress-guard"); ok {
-			t.Errorf("the controller image has usr/local/bin/egress-guard: the proxy belongs in the sidecar image")
-		}
-		img.wantDistroless(t)
-		// Measured 28.4 MiB uncompressed: the controller links client-go.
-		const limit = 32 << 20
-		t.Logf("controller image: %d bytes uncompressed (%.1f MiB) in %d layer(s), files %.1f MiB",
-			img.LayerBytes, mib(img.LayerBytes), len(img.Layers), mib(img.FileBytes))
-		if img.LayerBytes >= limit {
-			t.Errorf("controller image is %.1f MiB uncompressed, want < %.0f MiB", mib(img.LayerBytes), mib(limit))
-		}
-	})
+	// The two Go images: one static binary each on a distroless-like base, as 15337:15337 (the
+	// UID the capture rules exempt, and the chart's pod securityContext), each without the
+	// other's binary. Every node pulls the proxy's for the injected sidecar; the control
+	// plane links client-go and has its own.
+	for _, tc := range []struct {
+		name, tar, ref, bin, absent string
+		limit                       int64 // uncompressed bytes
+	}{
+		// Measured 12.1 MiB (the proxy, about 12 MB, and the base's few hundred KB); 40.2 MiB
+		// while it also carried the controller.
+		{"sidecar", "egress-guard.tar", "localhost/egress-guard:dev", "egress-guard", "egress-guard-controller", 14 << 20},
+		// Measured 28.4 MiB.
+		{"controller", "egress-guard-controller.tar", "localhost/egress-guard-controller:dev", "egress-guard-controller", "egress-guard", 32 << 20},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			img := loadImage(t, filepath.Join(dir, tc.tar), tc.ref)
+			img.wantPlatform(t)
+			if got := img.Config.Config.User; got != "15337:15337" {
+				t.Errorf("User = %q, want 15337:15337", got)
+			}
+			img.wantEntrypoint(t, "/usr/local/bin/"+tc.bin)
+			img.wantExecutable(t, "usr/local/bin/"+tc.bin)
+			if _, ok := img.resolve("usr/local/bin/" + tc.absent); ok {
+				t.Errorf("the %s image has usr/local/bin/%s, which belongs in the other image", tc.name, tc.absent)
+			}
+			img.wantDistroless(t)
+			t.Logf("%s image: %d bytes uncompressed (%.1f MiB) in %d layer(s), files %.1f MiB",
+				tc.name, img.LayerBytes, mib(img.LayerBytes), len(img.Layers), mib(img.FileBytes))
+			if img.LayerBytes >= tc.limit {
+				t.Errorf("%s image is %.1f MiB uncompressed, want < %.0f MiB", tc.name, mib(img.LayerBytes), mib(tc.limit))
+			}
+		})
+	}
 
 	t.Run("init", func(t *testing.T) {
 		img := loadImage(t, filepath.Join(dir, "egress-guard-init.tar"), "localhost/egress-guard-init:dev")
