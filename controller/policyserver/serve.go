@@ -58,7 +58,9 @@ func (s *Server) Serve(ln net.Listener) error {
 			}
 			return err
 		}
-		failing.Recovered(log, "listener", "policy", "addr", ln.Addr().String())
+		if failing.Failing() {
+			failing.Recovered(log, "listener", "policy", "addr", ln.Addr().String())
+		}
 		lr := &io.LimitedReader{R: c, N: maxRequestHead}
 		go s.serveConn(&conn{c: c, lr: lr, br: bufio.NewReaderSize(lr, 2048)}, true)
 	}

@@ -53,7 +53,12 @@ func (a *Episode) Failed(log *slog.Logger, err error, attrs ...any) time.Duratio
 	return a.backoff
 }
 
-// Recovered ends the episode, if any, after an accept that worked, with one line.
+// Failing reports whether an episode is on: the accept loop calls Recovered after an accept
+// that worked only then, so that a working loop does not build the line's attributes for
+// every connection.
+func (a *Episode) Failing() bool { return a.count > 0 }
+
+// Recovered ends the episode, if any, with one line.
 func (a *Episode) Recovered(log *slog.Logger, attrs ...any) {
 	if a.count == 0 {
 		return

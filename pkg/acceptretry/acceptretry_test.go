@@ -42,7 +42,13 @@ func TestEpisodeIsLoggedTwice(t *testing.T) {
 	for range 5 {
 		a.Failed(log, err, "listener", "policy")
 	}
+	if !a.Failing() {
+		t.Fatal("Failing() false after 5 failed accepts")
+	}
 	a.Recovered(log, "listener", "policy")
+	if a.Failing() {
+		t.Fatal("Failing() true after Recovered")
+	}
 	lines := strings.Split(strings.TrimSpace(buf.String()), "\n")
 	if len(lines) != 2 {
 		t.Fatalf("%d lines for an episode of 5 failures, want 2:\n%s", len(lines), buf.String())

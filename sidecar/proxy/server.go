@@ -201,7 +201,9 @@ func (s *Server) serve(ln net.Listener, kind listenerKind) error {
 			}
 			return fmt.Errorf("accept on %s: %w", ln.Addr(), err)
 		}
-		failing.Recovered(s.cfg.Log, "listener", kind.String(), "addr", ln.Addr().String())
+		if failing.Failing() {
+			failing.Recovered(s.cfg.Log, "listener", kind.String(), "addr", ln.Addr().String())
+		}
 		conn, ok := nc.(*net.TCPConn)
 		if !ok {
 			nc.Close()
