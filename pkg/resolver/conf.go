@@ -85,12 +85,12 @@ func absolute(name string) string {
 // names is the list of absolute names to ask for name, in order. A name with a trailing dot
 // is asked as written and only so. Otherwise, as the C library does: with at least ndots dots,
 // the name as given first and then under each search domain; with fewer, the search domains
-// first.
-func (c *conf) names(name string) []string {
+// first. The names are appended to out, so that the lookup of an absolute name (every name
+// the proxy asks with a dot) allocates no list.
+func (c *conf) names(name string, out []string) []string {
 	if strings.HasSuffix(name, ".") {
-		return []string{name}
+		return append(out, name)
 	}
-	out := make([]string, 0, len(c.search)+1)
 	asIs := strings.Count(name, ".") >= c.ndots
 	if asIs {
 		out = append(out, name+".")

@@ -171,7 +171,8 @@ func (r *Resolver) LookupNetIP(ctx context.Context, network, host string) ([]net
 		}
 	}
 	var lastErr error
-	for _, fqdn := range r.conf.names(name) {
+	var names [8]string // room for a pod's search list and the name as given; more grow it
+	for _, fqdn := range r.conf.names(name, names[:0]) {
 		res := r.both(ctx, fqdn, types)
 		var addrs []netip.Addr
 		for _, x := range res[:len(types)] {
@@ -213,7 +214,7 @@ func (r *Resolver) both(ctx context.Context, fqdn string, types []dnsmessage.Typ
 		i   int
 		res result
 	}
-	ch := make(chan answered, len(types)) // buffered: a query left behind never blocks
+	var ch chan answered // made for the first query that needs a goroutine
 	pending, have := 0, false
 	for i, t := range types {
 		var ok bool
@@ -226,6 +227,9 @@ func (r *Resolver) both(ctx context.Context, fqdn string, types []dnsmessage.Typ
 			// The only query, and nothing to answer with before it: no goroutine.
 			res[i] = r.query(ctx, fqdn, t)
 			return res
+		}
+		if ch == nil {
+			ch = make(chan answered, len(types)) // buffered: a query left behind never blocks
 		}
 		go func() { ch <- answered{i, r.query(ctx, fqdn, t)} }()
 	}

@@ -299,10 +299,10 @@ func TestReadConf(t *testing.T) {
 	if !slices.Equal(c.servers, []string{"10.96.0.10:53", "[fd00::a]:53"}) || c.ndots != 5 || c.timeout != 2*time.Second || c.attempts != 3 {
 		t.Fatalf("%+v", c)
 	}
-	if got := c.names("api.example.com."); !slices.Equal(got, []string{"api.example.com."}) {
+	if got := c.names("api.example.com.", nil); !slices.Equal(got, []string{"api.example.com."}) {
 		t.Fatalf("absolute: %v", got)
 	}
-	if got := c.names("db"); !slices.Equal(got, []string{"db.ns.svc.cluster.local.", "db.svc.cluster.local.", "db.cluster.local.", "db."}) {
+	if got := c.names("db", nil); !slices.Equal(got, []string{"db.ns.svc.cluster.local.", "db.svc.cluster.local.", "db.cluster.local.", "db."}) {
 		t.Fatalf("single label: %v", got)
 	}
 	if d := readConf(dir + "/missing"); d.ndots != 1 || len(d.servers) != 2 {
