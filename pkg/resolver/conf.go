@@ -24,51 +24,38 @@ type conf struct {
 // library and Go's resolver use: the local server, ndots 1, 5 s, 2 attempts.
 func readConf(path string) conf {
 	c := conf{ndots: 1, timeout: 5 * time.Second, attempts: 2}
-	f, err := os.Open(path)
-	if err == nil {
-		defer f.Close()
-		s := bufio.NewScanner(f)
-		for s.Scan() {
-			line := s.Text()
-			if i := strings.IndexAny(line, "#;"); i >= 0 {
-				line = line[:i]
+	eachLine(path, "#;", func(fs []string) {
+		switch fs[0] {
+		case "nameserver":
+			// Zone-scoped link-local servers ("fe80::1%eth0") are accepted as written.
+			if a, err := netip.ParseAddr(fs[1]); err == nil && len(c.servers) < 3 {
+				c.servers = append(c.servers, net.JoinHostPort(a.String(), "53"))
 			}
-			fs := strings.Fields(line)
-			if len(fs) < 2 {
-				continue
+		case "domain":
+			c.search = []string{absolute(fs[1])}
+		case "search":
+			c.search = c.search[:0]
+			for _, d := range fs[1:] {
+				if d != "." {
+					c.search = append(c.search, absolute(d))
+				}
 			}
-			switch fs[0] {
-			case "nameserver":
-				// Zone-scoped link-local servers ("fe80::1%eth0") are accepted as written.
-				if a, err := netip.ParseAddr(fs[1]); err == nil && len(c.servers) < 3 {
-					c.servers = append(c.servers, net.JoinHostPort(a.String(), "53"))
-				}
-			case "domain":
-				c.search = []string{absolute(fs[1])}
-			case "search":
-				c.search = c.search[:0]
-				for _, d := range fs[1:] {
-					if d != "." {
-						c.search = append(c.search, absolute(d))
-					}
-				}
-			case "options":
-				for _, o := range fs[1:] {
-					k, v, _ := strings.Cut(o, ":")
-					n, err := strconv.Atoi(v)
-					switch {
-					case err != nil:
-					case k == "ndots":
-						c.ndots = min(max(n, 0), 15)
-					case k == "timeout" && n >= 1:
-						c.timeout = time.Duration(min(n, 30)) * time.Second
-					case k == "attempts" && n >= 1:
-						c.attempts = min(n, 5)
-					}
+		case "options":
+			for _, o := range fs[1:] {
+				k, v, _ := strings.Cut(o, ":")
+				n, err := strconv.Atoi(v)
+				switch {
+				case err != nil:
+				case k == "ndots":
+					c.ndots = min(max(n, 0), 15)
+				case k == "timeout" && n >= 1:
+					c.timeout = time.Duration(min(n, 30)) * time.Second
+				case k == "attempts" && n >= 1:
+					c.attempts = min(n, 5)
 				}
 			}
 		}
-	}
+	})
 	if len(c.servers) == 0 {
 		c.servers = []string{"127.0.0.1:53", "[::1]:53"}
 	}
@@ -145,29 +132,36 @@ func (h *hostsFile) lookup(name string, now time.Time) []netip.Addr {
 // parseHosts reads a hosts file into its names' addresses (an unreadable file has none).
 func parseHosts(path string) map[string][]netip.Addr {
 	names := map[string][]netip.Addr{}
-	f, err := os.Open(path)
-	if err != nil {
-		return names
-	}
-	defer f.Close()
-	s := bufio.NewScanner(f)
-	for s.Scan() {
-		line := s.Text()
-		if i := strings.IndexByte(line, '#'); i >= 0 {
-			line = line[:i]
-		}
-		fs := strings.Fields(line)
-		if len(fs) < 2 {
-			continue
-		}
+	eachLine(path, "#", func(fs []string) {
 		a, err := netip.ParseAddr(fs[0])
 		if err != nil {
-			continue
+			return
 		}
 		for _, h := range fs[1:] {
 			n := strings.ToLower(strings.TrimSuffix(h, "."))
 			names[n] = append(names[n], a.WithZone("").Unmap())
 		}
-	}
+	})
 	return names
+}
+
+// eachLine calls f with the fields of every line of the file at path that has at least two,
+// after cutting a comment at any of the comment characters: the shape resolv.conf and the
+// hosts file share. A missing or unreadable file has no lines.
+func eachLine(path, comment string, f func(fields []string)) {
+	file, err := os.Open(path)
+	if err != nil {
+		return
+	}
+	defer file.Close()
+	s := bufio.NewScanner(file)
+	for s.Scan() {
+		line := s.Text()
+		if i := strings.IndexAny(line, comment); i >= 0 {
+			line = line[:i]
+		}
+		if fs := strings.Fields(line); len(fs) >= 2 {
+			f(fs)
+		}
+	}
 }
