@@ -63,9 +63,7 @@ func TestLookupIsCachedWithinTheTTL(t *testing.T) {
 
 func TestConcurrentLookupsShareOneQuery(t *testing.T) {
 	s := newTestServer(t, testRecords)
-	s.mu.Lock()
-	s.delay = 100 * time.Millisecond
-	s.mu.Unlock()
+	s.set(func() { s.delay = 100 * time.Millisecond })
 	r, _ := newTest(t, s, "", Config{})
 	var wg sync.WaitGroup
 	errs := make(chan error, 50)
@@ -93,9 +91,7 @@ func TestConcurrentLookupsShareOneQuery(t *testing.T) {
 // A caller giving up does not fail the others waiting for the same query.
 func TestCallerCancelDoesNotFailTheFlight(t *testing.T) {
 	s := newTestServer(t, testRecords)
-	s.mu.Lock()
-	s.delay = 200 * time.Millisecond
-	s.mu.Unlock()
+	s.set(func() { s.delay = 200 * time.Millisecond })
 	r, _ := newTest(t, s, "", Config{})
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Millisecond)
 	defer cancel()
@@ -234,9 +230,7 @@ func TestNamesAndSearchList(t *testing.T) {
 
 func TestTruncatedAnswerIsAskedAgainOverTCP(t *testing.T) {
 	s := newTestServer(t, testRecords)
-	s.mu.Lock()
-	s.truncate = true
-	s.mu.Unlock()
+	s.set(func() { s.truncate = true })
 	r, _ := newTest(t, s, "", Config{})
 	if got := lookup(t, r, "ip", "dual.test."); len(got) != 2 {
 		t.Fatalf("got %v", got)
@@ -254,12 +248,12 @@ func TestFailuresAreCachedForFailureTTL(t *testing.T) {
 		"api.example.com.":  {addrs: []string{"198.18.1.10", "fd00::10"}, ttl: 60},
 		"down.example.com.": {addrs: []string{"198.18.1.11"}, ttl: 60},
 	})
-	s.mu.Lock()
-	s.rcode = map[string]dnsmessage.RCode{
-		"api.example.com. TypeAAAA": dnsmessage.RCodeServerFailure,
-		"down.example.com. TypeA":   dnsmessage.RCodeRefused,
-	}
-	s.mu.Unlock()
+	s.set(func() {
+		s.rcode = map[string]dnsmessage.RCode{
+			"api.example.com. TypeAAAA": dnsmessage.RCodeServerFailure,
+			"down.example.com. TypeA":   dnsmessage.RCodeRefused,
+		}
+	})
 	r, clock := newTest(t, s, "options timeout:1 attempts:1\n", Config{})
 	for i := range 3 {
 		if got := lookup(t, r, "ip", "api.example.com."); !slices.Equal(got, []netip.Addr{netip.MustParseAddr("198.18.1.10")}) {
@@ -282,9 +276,7 @@ func TestFailuresAreCachedForFailureTTL(t *testing.T) {
 	}
 	// The server recovered: the next query after the failure expired is answered and kept
 	// for the record's TTL.
-	s.mu.Lock()
-	s.rcode = nil
-	s.mu.Unlock()
+	s.set(func() { s.rcode = nil })
 	clock.advance(FailureTTL)
 	if got := lookup(t, r, "ip4", "down.example.com."); !slices.Equal(got, []netip.Addr{netip.MustParseAddr("198.18.1.11")}) {
 		t.Fatalf("after recovery: %v", got)
@@ -315,9 +307,7 @@ func TestReadConf(t *testing.T) {
 // addresses ResolutionDelay after them, cold and again with A cached.
 func TestUnansweredFamilyCostsTheResolutionDelayNotTheTimeout(t *testing.T) {
 	s := newTestServer(t, map[string]record{"api.example.com.": {addrs: []string{"198.18.1.10", "fd00::10"}, ttl: 60}})
-	s.mu.Lock()
-	s.silent = map[string]bool{"api.example.com. TypeAAAA": true}
-	s.mu.Unlock()
+	s.set(func() { s.silent = map[string]bool{"api.example.com. TypeAAAA": true} })
 	r, _ := newTest(t, s, "options timeout:5 attempts:1\n", Config{})
 	for i := range 2 {
 		start := time.Now()

@@ -152,6 +152,13 @@ func (s *testServer) answer(msg []byte, udp bool) []byte {
 	return out
 }
 
+// set changes the server's behaviour (delay, truncate, silent, rcode) under its lock.
+func (s *testServer) set(f func()) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	f()
+}
+
 // queries returns the number of queries since the last call, and resets the count.
 func (s *testServer) queries() int { return int(s.total.Swap(0)) }
 
