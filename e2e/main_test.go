@@ -117,21 +117,43 @@ func sharedLab(t *testing.T) *netlab.Lab {
 	return lab
 }
 
-// metric returns the value of the sample whose line starts with series (name{labels}), or 0.
-func metric(t *testing.T, l *netlab.Lab, port int, series string) float64 {
-	t.Helper()
-	code, body, err := netlab.HTTPGet(context.Background(), l.Pod, fmt.Sprintf("http://127.0.0.1:%d/metrics", port))
-	if err != nil || code != 200 {
-		t.Fatalf("GET /metrics: %d %v", code, err)
+// scrape fetches /metrics from addr (host:port) inside ns.
+func scrape(ns *netlab.NS, addr string) (string, error) {
+	code, body, err := netlab.HTTPGet(context.Background(), ns, "http://"+addr+"/metrics")
+	if err == nil && code != 200 {
+		err = fmt.Errorf("status %d", code)
 	}
+	return body, err
+}
+
+// sample returns the value of the sample whose line starts with series (name{labels}) in a
+// /metrics body, and whether there is one.
+func sample(body, series string) (float64, bool) {
 	for _, line := range strings.Split(body, "\n") {
 		if strings.HasPrefix(line, series+" ") {
 			var v float64
-			fmt.Sscanf(line[len(series)+1:], "%g", &v)
-			return v
+			_, err := fmt.Sscanf(line[len(series)+1:], "%g", &v)
+			return v, err == nil
 		}
 	}
-	return 0
+	return 0, false
+}
+
+// metricIn returns the value of series in the /metrics of addr (host:port) inside ns, or 0.
+func metricIn(t testing.TB, ns *netlab.NS, addr, series string) float64 {
+	t.Helper()
+	body, err := scrape(ns, addr)
+	if err != nil {
+		t.Fatalf("GET /metrics: %v", err)
+	}
+	v, _ := sample(body, series)
+	return v
+}
+
+// metric returns the value of the sample whose line starts with series (name{labels}), or 0.
+func metric(t testing.TB, l *netlab.Lab, port int, series string) float64 {
+	t.Helper()
+	return metricIn(t, l.Pod, fmt.Sprintf("127.0.0.1:%d", port), series)
 }
 
 func waitMetric(t *testing.T, l *netlab.Lab, port int, series string, want float64) {

@@ -135,39 +135,45 @@ func (s *soakTunnel) finish() error {
 	return nil
 }
 
+// inParallel runs f(i) for every i in [0, n) on workers goroutines, each taking the next i
+// in turn, and returns when all have returned.
+func inParallel(n, workers int, f func(i int)) {
+	var next atomic.Int64
+	var wg sync.WaitGroup
+	for range workers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := int(next.Add(1)) - 1; i < n; i = int(next.Add(1)) - 1 {
+				f(i)
+			}
+		}()
+	}
+	wg.Wait()
+}
+
 // openTunnels opens n tunnels to echo through the proxy in ns, with a few openers at a time,
 // each carrying one echo before it counts as open.
 func openTunnels(t *testing.T, ns *netlab.NS, echo string, n int) []*soakTunnel {
 	t.Helper()
 	start := time.Now()
 	tunnels := make([]*soakTunnel, n)
-	var next atomic.Int64
 	var failed atomic.Int64
 	var firstErr sync.Once
-	var wg sync.WaitGroup
-	for range 32 {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for {
-				i := int(next.Add(1)) - 1
-				if i >= n || failed.Load() > 0 {
-					return
-				}
-				c, br, err := connectThrough(ns, echo, 30*time.Second)
-				if err == nil {
-					tunnels[i] = &soakTunnel{c: c, br: br}
-					err = tunnels[i].echo(i)
-				}
-				if err != nil {
-					failed.Add(1)
-					firstErr.Do(func() { t.Errorf("opening tunnel %d: %v", i, err) })
-					return
-				}
-			}
-		}()
-	}
-	wg.Wait()
+	inParallel(n, 32, func(i int) {
+		if failed.Load() > 0 {
+			return // after the first failure, open no more
+		}
+		c, br, err := connectThrough(ns, echo, 30*time.Second)
+		if err == nil {
+			tunnels[i] = &soakTunnel{c: c, br: br}
+			err = tunnels[i].echo(i)
+		}
+		if err != nil {
+			failed.Add(1)
+			firstErr.Do(func() { t.Errorf("opening tunnel %d: %v", i, err) })
+		}
+	})
 	if failed.Load() > 0 {
 		for _, s := range tunnels {
 			if s != nil {
@@ -227,27 +233,6 @@ func traffic(ctx context.Context, tunnels []*soakTunnel, workers int, report fun
 	return rounds, wg.Wait
 }
 
-// nsHTTP is an HTTP client whose connections are made inside ns (no curl process per poll).
-func nsHTTP(ns *netlab.NS) *http.Client {
-	return &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{
-		DisableKeepAlives: true,
-		DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
-			return ns.Dial(network, addr, 3*time.Second)
-		},
-	}}
-}
-
-// promSample returns the value of the metric series (name{labels}) from a /metrics body.
-func promSample(body, series string) (float64, bool) {
-	for _, line := range strings.Split(body, "\n") {
-		if strings.HasPrefix(line, series+" ") {
-			v, err := strconv.ParseFloat(strings.TrimSpace(line[len(series)+1:]), 64)
-			return v, err == nil
-		}
-	}
-	return 0, false
-}
-
 // usage is one sample of the proxy's resources.
 type usage struct {
 	rssKiB     int64
@@ -268,9 +253,9 @@ func (u *usage) peak(v usage) {
 	u.sockets, u.pipes, u.gcs = max(u.sockets, v.sockets), max(u.pipes, v.pipes), max(u.gcs, v.gcs)
 }
 
-// sampleProxy reads the proxy's RSS and descriptors from /proc and its goroutines from
-// /metrics (go_goroutines).
-func sampleProxy(t *testing.T, hc *http.Client, pid int) usage {
+// sampleProxy reads the proxy's RSS and descriptors from /proc and its goroutines, heap and
+// GC count from its /metrics (in ns).
+func sampleProxy(t *testing.T, ns *netlab.NS, pid int) usage {
 	t.Helper()
 	u := usage{rssKiB: procRSS(pid)}
 	dir := fmt.Sprintf("/proc/%d/fd", pid)
@@ -285,30 +270,16 @@ func sampleProxy(t *testing.T, hc *http.Client, pid int) usage {
 			}
 		}
 	}
-	resp, err := hc.Get("http://" + nsMetricsAddr + "/metrics")
+	body, err := scrape(ns, nsMetricsAddr)
 	if err != nil {
 		t.Errorf("GET /metrics: %v", err)
 		return u
 	}
-	defer resp.Body.Close()
-	b, _ := io.ReadAll(resp.Body)
-	u.goroutines, _ = promSample(string(b), "go_goroutines")
-	heap, _ := promSample(string(b), "go_memstats_heap_inuse_bytes")
+	u.goroutines, _ = sample(body, "go_goroutines")
+	heap, _ := sample(body, "go_memstats_heap_inuse_bytes")
 	u.heapMiB = heap / (1 << 20)
-	u.gcs, _ = promSample(string(b), "go_gc_duration_seconds_count")
+	u.gcs, _ = sample(body, "go_gc_duration_seconds_count")
 	return u
-}
-
-func metricValue(t *testing.T, hc *http.Client, series string) float64 {
-	t.Helper()
-	resp, err := hc.Get("http://" + nsMetricsAddr + "/metrics")
-	if err != nil {
-		t.Fatalf("GET /metrics: %v", err)
-	}
-	defer resp.Body.Close()
-	b, _ := io.ReadAll(resp.Body)
-	v, _ := promSample(string(b), series)
-	return v
 }
 
 // closeReasons counts the close lines after mark by reason.
@@ -364,31 +335,23 @@ const (
 // finishAll checks that every tunnel still echoes, then finishes it normally.
 func finishAll(t *testing.T, tunnels []*soakTunnel) {
 	var finishErrs atomic.Int64
-	var wg sync.WaitGroup
-	for w := range 64 {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for i := w; i < len(tunnels); i += 64 {
-				err := tunnels[i].echo(i)
-				if err == nil {
-					err = tunnels[i].finish()
-				}
-				if err != nil && finishErrs.Add(1) <= 5 {
-					t.Errorf("tunnel %d at the end: %v", i, err)
-				}
-			}
-		}()
-	}
-	wg.Wait()
+	inParallel(len(tunnels), 64, func(i int) {
+		err := tunnels[i].echo(i)
+		if err == nil {
+			err = tunnels[i].finish()
+		}
+		if err != nil && finishErrs.Add(1) <= 5 {
+			t.Errorf("tunnel %d at the end: %v", i, err)
+		}
+	})
 }
 
 // waitTwoGCs samples the proxy until two GCs after gcs have run and ok holds, or 6 minutes
 // passed (the runtime forces a GC every 2 minutes when nothing else starts one).
-func waitTwoGCs(t *testing.T, hc *http.Client, pid int, gcs float64, ok func(usage) bool) usage {
+func waitTwoGCs(t *testing.T, ns *netlab.NS, pid int, gcs float64, ok func(usage) bool) usage {
 	start := time.Now()
 	for {
-		u := sampleProxy(t, hc, pid)
+		u := sampleProxy(t, ns, pid)
 		if u.gcs >= gcs+2 && ok(u) || time.Since(start) > 6*time.Minute {
 			return u
 		}
@@ -404,14 +367,13 @@ func soakReload(t *testing.T, n, nofile int, duration time.Duration) {
 	os.WriteFile(policy, []byte(loopbackPolicy("")), 0o644)
 	p := startLimited(t, ns, nofile, policy, "MAX_TUNNELS="+strconv.Itoa(2*n),
 		"MAX_PENDING_PER_CLIENT=1000", "WATCH_INTERVAL=250ms")
-	hc := nsHTTP(ns)
 	time.Sleep(2 * time.Second)
-	base := sampleProxy(t, hc, p.PID())
-	reloads0 := metricValue(t, hc, "egress_proxy_config_reloads_total")
+	base := sampleProxy(t, ns, p.PID())
+	reloads0 := metricIn(t, ns, nsMetricsAddr, "egress_proxy_config_reloads_total")
 
 	lg := from(p)
 	tunnels := openTunnels(t, ns, echo, n)
-	opened := sampleProxy(t, hc, p.PID())
+	opened := sampleProxy(t, ns, p.PID())
 
 	var cuts []cut
 	var cutMu sync.Mutex
@@ -435,14 +397,14 @@ func soakReload(t *testing.T, n, nofile int, duration time.Duration) {
 		if err := os.Rename(tmp, policy); err != nil {
 			t.Fatal(err)
 		}
-		peak.peak(sampleProxy(t, hc, p.PID()))
+		peak.peak(sampleProxy(t, ns, p.PID()))
 	}
 	stop()
 	wait()
 	time.Sleep(time.Second) // the last write is applied after 250ms of calm
-	reloads := metricValue(t, hc, "egress_proxy_config_reloads_total") - reloads0
-	loadErrors := metricValue(t, hc, "egress_proxy_config_load_errors_total")
-	active := metricValue(t, hc, "egress_proxy_active_tunnels")
+	reloads := metricIn(t, ns, nsMetricsAddr, "egress_proxy_config_reloads_total") - reloads0
+	loadErrors := metricIn(t, ns, nsMetricsAddr, "egress_proxy_config_load_errors_total")
+	active := metricIn(t, ns, nsMetricsAddr, "egress_proxy_active_tunnels")
 
 	// Every tunnel still works, then finishes normally.
 	finishAll(t, tunnels)
@@ -452,7 +414,7 @@ func soakReload(t *testing.T, n, nofile int, duration time.Duration) {
 	var after usage
 	settle := time.Now()
 	for {
-		after = sampleProxy(t, hc, p.PID())
+		after = sampleProxy(t, ns, p.PID())
 		if after.goroutines <= base.goroutines+goroutineSlack || time.Since(settle) > 10*time.Second {
 			break
 		}
@@ -473,7 +435,7 @@ func soakReload(t *testing.T, n, nofile int, duration time.Duration) {
 	rssSlack := max(rssSlackKiB, (peak.rssKiB-base.rssKiB)/4) + int64(n*runtimeKiBPerTunnel)
 	heapSlack := float64(heapSlackMiB) + float64(n*runtimeKiBPerTunnel)/1024
 	gcWait := time.Now()
-	afterGC := waitTwoGCs(t, hc, p.PID(), after.gcs, func(u usage) bool {
+	afterGC := waitTwoGCs(t, ns, p.PID(), after.gcs, func(u usage) bool {
 		return u.rssKiB <= base.rssKiB+rssSlack && u.heapMiB <= base.heapMiB+heapSlack
 	})
 	gcWaited := time.Since(gcWait).Round(time.Second)
@@ -484,7 +446,7 @@ func soakReload(t *testing.T, n, nofile int, duration time.Duration) {
 	lg2 := from(p)
 	finishAll(t, openTunnels(t, ns, echo, n))
 	waitCloseLines(t, p, lg2.mark, n, 60*time.Second)
-	afterGC2 := waitTwoGCs(t, hc, p.PID(), sampleProxy(t, hc, p.PID()).gcs, func(u usage) bool {
+	afterGC2 := waitTwoGCs(t, ns, p.PID(), sampleProxy(t, ns, p.PID()).gcs, func(u usage) bool {
 		return u.heapMiB <= afterGC.heapMiB+cycleGrowthMiB
 	})
 
@@ -554,7 +516,6 @@ func soakDrain(t *testing.T, n, nofile int) {
 	// tunnel whose once-a-second echo came late on a busy machine must not be closed as idle.
 	p := startLimited(t, ns, nofile, policy, "MAX_TUNNELS="+strconv.Itoa(2*n),
 		"MAX_PENDING_PER_CLIENT=1000", "DRAIN_TIMEOUT="+budget.String(), "DRAIN_IDLE_TIMEOUT=1m")
-	hc := nsHTTP(ns)
 	lg := from(p)
 	tunnels := openTunnels(t, ns, echo, n)
 	// Even tunnels finish during the drain; odd ones go on until the deadline closes them.
@@ -591,7 +552,7 @@ func soakDrain(t *testing.T, n, nofile int) {
 		}
 	})
 	time.Sleep(3 * time.Second) // a few rounds of traffic first
-	peak := sampleProxy(t, hc, p.PID())
+	peak := sampleProxy(t, ns, p.PID())
 
 	mu.Lock()
 	sigAt = time.Now()
@@ -602,16 +563,13 @@ func soakDrain(t *testing.T, n, nofile int) {
 	// /ready turns false at once.
 	var notReady time.Duration
 	for {
-		resp, err := hc.Get("http://" + nsMetricsAddr + "/ready")
-		if err == nil {
-			resp.Body.Close()
-			if resp.StatusCode == http.StatusServiceUnavailable {
-				notReady = time.Since(sigAt)
-				break
-			}
+		code, body, err := netlab.HTTPGet(context.Background(), ns, "http://"+nsMetricsAddr+"/ready")
+		if code == http.StatusServiceUnavailable {
+			notReady = time.Since(sigAt)
+			break
 		}
 		if time.Since(sigAt) > 5*time.Second {
-			t.Fatalf("/ready still not 503 5s after SIGTERM (last: %v %v)", resp, err)
+			t.Fatalf("/ready still not 503 5s after SIGTERM (last: %d %q %v)", code, body, err)
 		}
 		time.Sleep(5 * time.Millisecond)
 	}
@@ -622,24 +580,16 @@ func soakDrain(t *testing.T, n, nofile int) {
 	waitFinishers()
 	var finished, finishFailed atomic.Int64
 	var lastFinish atomic.Int64
-	var wg sync.WaitGroup
-	for w := range 64 {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for i := w; i < len(finishers); i += 64 {
-				if err := finishers[i].finish(); err != nil {
-					if finishFailed.Add(1) <= 5 {
-						t.Errorf("finishing tunnel %d during the drain: %v", 2*i, err)
-					}
-					continue
-				}
-				finished.Add(1)
-				lastFinish.Store(int64(time.Since(sigAt)))
+	inParallel(len(finishers), 64, func(i int) {
+		if err := finishers[i].finish(); err != nil {
+			if finishFailed.Add(1) <= 5 {
+				t.Errorf("finishing tunnel %d during the drain: %v", 2*i, err)
 			}
-		}()
-	}
-	wg.Wait()
+			return
+		}
+		finished.Add(1)
+		lastFinish.Store(int64(time.Since(sigAt)))
+	})
 	finishedBy := time.Duration(lastFinish.Load())
 
 	// The stayers are closed at the deadline; the process then exits 0.
