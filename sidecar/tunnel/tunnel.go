@@ -291,46 +291,36 @@ func (c *Conn) Start(prefix []byte, done func(up, down int64, reason outcome.Clo
 		done(0, 0, outcome.Reset)
 		return
 	}
-	var up, down int64
+	var n [2]int64 // up (client to upstream, prefix included), down
+	var errs [2]error
 	if len(prefix) > 0 {
-		n, err := u.Write(prefix)
-		up += int64(n)
+		w, err := u.Write(prefix)
+		n[0] = int64(w)
 		if err != nil {
 			c.closeWith(outcome.Reset)
-			done(up, 0, c.finalReason(err, nil))
+			done(n[0], 0, c.finalReason(err, nil))
 			return
 		}
 	}
-	var upErr, downErr error
-	// The last of the two to finish reports; the atomic orders each one's results before
-	// the report.
+	// The last of the two directions to finish reports; the atomic orders each one's results
+	// before the report.
 	var left atomic.Int32
 	left.Store(2)
-	finish := func() {
-		if left.Add(-1) == 0 {
-			done(up, down, c.finalReason(upErr, downErr))
-		}
-	}
-	go func() {
-		down, downErr = copyHalf(c.client, u)
-		if downErr == nil {
-			c.client.CloseWrite()
+	relay := func(i int, dst, src *net.TCPConn) {
+		m, err := copyHalf(dst, src)
+		n[i], errs[i] = n[i]+m, err
+		if err == nil {
+			dst.CloseWrite()
 		} else {
 			// The other direction cannot usefully go on once one side failed.
 			c.closeWith(outcome.Reset)
 		}
-		finish()
-	}()
-	go func() {
-		n, err := copyHalf(u, c.client)
-		up, upErr = up+n, err
-		if upErr == nil {
-			u.CloseWrite()
-		} else {
-			c.closeWith(outcome.Reset)
+		if left.Add(-1) == 0 {
+			done(n[0], n[1], c.finalReason(errs[0], errs[1]))
 		}
-		finish()
-	}()
+	}
+	go relay(0, u, c.client)
+	go relay(1, c.client, u)
 }
 
 // plainFirst is how many bytes of each direction may be copied through user space with
