@@ -6,12 +6,9 @@ import (
 	"encoding/base64"
 	"fmt"
 	"io"
-	"net"
 	"os"
 	"path/filepath"
-	"regexp"
 	"slices"
-	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -71,7 +68,15 @@ func BenchmarkNamedCONNECT(b *testing.B) {
 	if out, err := l.Pod.Run(ctx, "sh", "-c", "echo 1024 65000 > /proc/sys/net/ipv4/ip_local_port_range"); err != nil {
 		b.Fatalf("ip_local_port_range: %v: %s", err, out)
 	}
-	dns := startBenchDNS(b, l)
+	// warm.bench.test and every name under cold.bench.test have an A record (TTL 60 s) and no
+	// AAAA; any other name under bench.test does not exist.
+	dns := startQueryLoggingDNS(b, l, benchDNSAddr, []string{"bench.test"}, map[string][]string{
+		"warm.bench.test": {benchWarmServer},
+		"cold.bench.test": {benchColdServer},
+	})
+	if addrs, err := dns.resolver.LookupNetIP(ctx, "ip4", "ready.cold.bench.test."); err != nil || len(addrs) != 1 || addrs[0].String() != benchColdServer {
+		b.Fatalf("dnsmasq on %s: ready.cold.bench.test is %v %v, want %s", benchDNSAddr, addrs, err, benchColdServer)
+	}
 
 	dir, err := os.MkdirTemp("", "egress-guard-bench-names-")
 	if err != nil {
@@ -95,19 +100,15 @@ func BenchmarkNamedCONNECT(b *testing.B) {
 		b.Fatal(err)
 	}
 	cacheMisses := func(b *testing.B) float64 {
-		code, body, err := netlab.HTTPGet(context.Background(), l.Pod, fmt.Sprintf("http://127.0.0.1:%d/metrics", metricsPort))
-		if err != nil || code != 200 {
-			b.Fatalf("GET /metrics: %d %v", code, err)
+		body, err := scrape(l.Pod, fmt.Sprintf("127.0.0.1:%d", metricsPort))
+		if err != nil {
+			b.Fatalf("GET /metrics: %v", err)
 		}
-		for _, line := range strings.Split(body, "\n") {
-			if v, ok := strings.CutPrefix(line, "egress_proxy_dns_cache_misses_total "); ok {
-				var f float64
-				fmt.Sscanf(v, "%g", &f)
-				return f
-			}
+		v, ok := sample(body, "egress_proxy_dns_cache_misses_total")
+		if !ok {
+			b.Fatal("no egress_proxy_dns_cache_misses_total in /metrics")
 		}
-		b.Fatal("no egress_proxy_dns_cache_misses_total in /metrics")
-		return 0
+		return v
 	}
 
 	proxy := fmt.Sprintf("127.0.0.1:%d", proxyPort)
@@ -122,7 +123,7 @@ func BenchmarkNamedCONNECT(b *testing.B) {
 		{"name-cold", func() string { return fmt.Sprintf("n%d.cold.bench.test:7", coldName.Add(1)) }, benchColdServer},
 	} {
 		b.Run(sc.name, func(b *testing.B) {
-			mark := dns.size(b)
+			mark := dns.mark(b)
 			misses := cacheMisses(b)
 			accepted := l.Accepted(sc.server)
 			buf := make([]byte, 512)
@@ -141,7 +142,7 @@ func BenchmarkNamedCONNECT(b *testing.B) {
 			slices.Sort(lat)
 			b.ReportMetric(float64(lat[len(lat)/2].Microseconds()), "p50-µs")
 			b.ReportMetric(float64(lat[len(lat)*99/100].Microseconds()), "p99-µs")
-			b.ReportMetric(float64(dns.queriesSince(b, mark))/n, "dns-queries/op")
+			b.ReportMetric(float64(len(dns.queriesSince(b, mark, 0)))/n, "dns-queries/op")
 			b.ReportMetric((cacheMisses(b)-misses)/n, "cache-misses/op")
 		})
 	}
@@ -182,77 +183,4 @@ func benchConnect(pod *netlab.NS, proxy, auth, target string, buf []byte) error 
 		return fmt.Errorf("echo through %s: %q %v", target, buf[:1], err)
 	}
 	return nil
-}
-
-// benchDNS is a dnsmasq logging its queries to a file.
-type benchDNS struct{ path string }
-
-// startBenchDNS runs dnsmasq on benchDNSAddr in the lab's internet namespace:
-// warm.bench.test and every name under cold.bench.test have an A record (TTL 60 s) and no
-// AAAA; any other name under bench.test does not exist.
-func startBenchDNS(b *testing.B, l *netlab.Lab) *benchDNS {
-	b.Helper()
-	ctx := context.Background()
-	if out, err := l.Net.Run(ctx, "ip", "addr", "add", benchDNSAddr+"/32", "dev", "lo"); err != nil {
-		b.Fatalf("%v: %s", err, out)
-	}
-	dir := b.TempDir()
-	d := &benchDNS{path: filepath.Join(dir, "queries.log")}
-	cmd := l.Net.Command(ctx, "dnsmasq", "--keep-in-foreground", "--no-resolv", "--no-hosts", "--no-poll",
-		"--bind-interfaces", "--listen-address="+benchDNSAddr, "--port=53", "--conf-file=/dev/null",
-		"--user=root", "--group=root", "--pid-file="+filepath.Join(dir, "dnsmasq.pid"),
-		"--log-queries", "--log-facility="+d.path, "--local-ttl=60", "--local=/bench.test/",
-		"--address=/warm.bench.test/"+benchWarmServer, "--address=/cold.bench.test/"+benchColdServer)
-	if err := cmd.Start(); err != nil {
-		b.Fatal(err)
-	}
-	b.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
-	r := &net.Resolver{PreferGo: true, Dial: func(ctx context.Context, network, _ string) (net.Conn, error) {
-		return l.Pod.Dial(network, benchDNSAddr+":53", time.Second)
-	}}
-	deadline := time.Now().Add(10 * time.Second)
-	for {
-		cctx, cancel := context.WithTimeout(ctx, time.Second)
-		addrs, err := r.LookupNetIP(cctx, "ip4", "ready.cold.bench.test.")
-		cancel()
-		if err == nil && len(addrs) == 1 && addrs[0].String() == benchColdServer {
-			return d
-		}
-		if time.Now().After(deadline) {
-			b.Fatalf("dnsmasq on %s not answering: %v %v", benchDNSAddr, addrs, err)
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
-}
-
-// size is the log's size now: a mark for queriesSince.
-func (d *benchDNS) size(b *testing.B) int64 {
-	b.Helper()
-	st, err := os.Stat(d.path)
-	if err != nil {
-		b.Fatal(err)
-	}
-	return st.Size()
-}
-
-var benchQueryLine = regexp.MustCompile(`query\[\w+\] \S+ from `)
-
-// queriesSince counts the queries logged after mark, once the log has stopped growing (for
-// 300 ms, or after 5 s).
-func (d *benchDNS) queriesSince(b *testing.B, mark int64) int {
-	b.Helper()
-	last, deadline := int64(-1), time.Now().Add(5*time.Second)
-	for {
-		size := d.size(b)
-		if size == last || time.Now().After(deadline) {
-			break
-		}
-		last = size
-		time.Sleep(300 * time.Millisecond)
-	}
-	data, err := os.ReadFile(d.path)
-	if err != nil {
-		b.Fatal(err)
-	}
-	return len(benchQueryLine.FindAll(data[min(mark, int64(len(data))):], -1))
 }

@@ -244,11 +244,15 @@ func TestFDExhaustion(t *testing.T) {
 		t.Fatalf("%d %q lines after the admin probes, want 1: %v", len(r), failing, r)
 	}
 
+	// The recovery line is written once an accept succeeds again: that can be one of the
+	// connections still queued when the held ones close, before the new one below.
+	freed := from(p)
 	for _, c := range held {
 		c.Close()
 	}
 	held = nil
 	// A new connection is served: CONNECT, echo, close.
+	lc := from(p)
 	c, br, err := connectThrough(ns, echo, 10*time.Second)
 	if err != nil {
 		t.Fatalf("after the descriptors were freed: %v", err)
@@ -259,10 +263,10 @@ func TestFDExhaustion(t *testing.T) {
 		t.Fatalf("echo after recovery: %q %v", b, err)
 	}
 	c.Close()
-	d := lg.decision(t, "method", "CONNECT", "identity", "soak", "target", echo, "action", "allowed", "reason", "rule")
-	lg.closeOf(t, d, "reason", "closed")
+	d := lc.decision(t, "method", "CONNECT", "identity", "soak", "target", echo, "action", "allowed", "reason", "rule")
+	lc.closeOf(t, d, "reason", "closed")
 
-	rec := lg.wait(t, recovered)
+	rec := freed.wait(t, recovered)
 	time.Sleep(500 * time.Millisecond)
 	if r := p.RecordsAfter(lg.mark, recovered); len(r) != 1 {
 		t.Fatalf("%d %q lines, want 1: %v", len(r), recovered, r)
@@ -273,7 +277,7 @@ func TestFDExhaustion(t *testing.T) {
 	if n, _ := rec["failed_accepts"].(float64); n < 2 || rec["level"] != "INFO" || rec["listener"] != "explicit" {
 		t.Fatalf("recovery line: %v", rec)
 	}
-	t.Logf("recovered: %s", mustJSONLine(p, lg.mark, recovered))
+	t.Logf("recovered: %s", mustJSONLine(p, freed.mark, recovered))
 	if code, body, err := netlab.HTTPGet(context.Background(), ns, "http://"+nsMetricsAddr+"/health"); code != http.StatusOK {
 		t.Fatalf("GET /health after recovery: %d %q %v", code, body, err)
 	}
@@ -359,7 +363,11 @@ func TestControlPlaneOutOfDescriptors(t *testing.T) {
 		}
 	}
 	t.Logf("exhausted with %d connections held; /health and /ready answered", len(held))
+	if r := p.RecordsAfter(mark, recovered); len(r) != 0 {
+		t.Fatalf("%q while still exhausted: %v", recovered, r)
+	}
 
+	freed := from(p)
 	for _, c := range held {
 		c.Close()
 	}
@@ -376,7 +384,7 @@ func TestControlPlaneOutOfDescriptors(t *testing.T) {
 		}
 		time.Sleep(200 * time.Millisecond)
 	}
-	rec := lg.wait(t, recovered, "listener", "policy")
+	rec := freed.wait(t, recovered, "listener", "policy")
 	if n, _ := rec["failed_accepts"].(float64); n < 2 {
 		t.Fatalf("recovery line: %v", rec)
 	}

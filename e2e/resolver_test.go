@@ -20,57 +20,67 @@ import (
 const queryDNSAddr = "198.18.1.54"
 
 // queryLog is a dnsmasq started with --log-queries, logging to a file.
-type queryLog struct{ path string }
+type queryLog struct {
+	path string
+	// resolver is Go's resolver asking this dnsmasq from the lab's pod namespace.
+	resolver *net.Resolver
+}
 
-// startQueryLoggingDNS runs dnsmasq on queryDNSAddr answering records (name → addresses,
-// TTL 60 s) and NXDOMAIN for anything else under example.com, test and cluster.local (the
-// names a search list produces).
-func startQueryLoggingDNS(t *testing.T, l *netlab.Lab, records map[string][]string) *queryLog {
+// startQueryLoggingDNS runs dnsmasq on addr in the lab's internet namespace until the test
+// ends, answering records (a name and every name under it → addresses, TTL 60 s) and NXDOMAIN
+// for any other name under the local domains, and logging every query it gets.
+func startQueryLoggingDNS(t testing.TB, l *netlab.Lab, addr string, local []string, records map[string][]string) *queryLog {
 	t.Helper()
 	ctx := context.Background()
-	if _, err := l.Net.Run(ctx, "ip", "addr", "add", queryDNSAddr+"/32", "dev", "lo"); err != nil {
-		t.Fatal(err)
+	if out, err := l.Net.Run(ctx, "ip", "addr", "add", addr+"/32", "dev", "lo"); err != nil {
+		t.Fatalf("%v: %s", err, out)
 	}
-	t.Cleanup(func() { l.Net.Run(ctx, "ip", "addr", "del", queryDNSAddr+"/32", "dev", "lo") })
+	t.Cleanup(func() { l.Net.Run(ctx, "ip", "addr", "del", addr+"/32", "dev", "lo") })
 	dir := t.TempDir()
-	q := &queryLog{path: filepath.Join(dir, "queries.log")}
+	q := &queryLog{path: filepath.Join(dir, "queries.log"), resolver: &net.Resolver{PreferGo: true,
+		Dial: func(ctx context.Context, network, _ string) (net.Conn, error) {
+			return l.Pod.Dial(network, addr+":53", time.Second)
+		}}}
 	args := []string{"dnsmasq", "--keep-in-foreground", "--no-resolv", "--no-hosts", "--no-poll",
-		"--bind-interfaces", "--listen-address=" + queryDNSAddr, "--port=53", "--conf-file=/dev/null",
+		"--bind-interfaces", "--listen-address=" + addr, "--port=53", "--conf-file=/dev/null",
 		"--user=root", "--group=root", "--pid-file=" + filepath.Join(dir, "dnsmasq.pid"),
-		"--log-queries", "--log-facility=" + q.path, "--local-ttl=60",
-		"--local=/example.com/", "--local=/test/", "--local=/cluster.local/"}
+		"--log-queries", "--log-facility=" + q.path, "--local-ttl=60"}
+	for _, d := range local {
+		args = append(args, "--local=/"+d+"/")
+	}
 	for n, addrs := range records {
 		for _, a := range addrs {
 			args = append(args, "--address=/"+n+"/"+a)
 		}
 	}
-	cmd := l.Net.Command(context.Background(), args...)
+	cmd := l.Net.Command(ctx, args...)
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
-	r := &net.Resolver{PreferGo: true, Dial: func(ctx context.Context, network, _ string) (net.Conn, error) {
-		return l.Pod.Dial(network, queryDNSAddr+":53", time.Second)
-	}}
 	deadline := time.Now().Add(10 * time.Second)
 	for {
 		cctx, cancel := context.WithTimeout(ctx, time.Second)
-		_, err := r.LookupNetIP(cctx, "ip4", "ready.check.test.")
+		_, err := q.resolver.LookupNetIP(cctx, "ip4", "ready.check."+local[0]+".")
 		cancel()
 		if de, ok := err.(*net.DNSError); ok && de.IsNotFound {
 			return q // NXDOMAIN: it answers
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("dnsmasq on %s not answering: %v", queryDNSAddr, err)
+			t.Fatalf("dnsmasq on %s not answering: %v", addr, err)
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
 }
 
+// searchedDomains are the domains the tests' names and a cluster's search list produce: their
+// query-logging dnsmasq answers NXDOMAIN for any name there it has no record of.
+var searchedDomains = []string{"test", "example.com", "cluster.local"}
+
 var queryLine = regexp.MustCompile(`query\[(\w+)\] (\S+) from `)
 
 // mark is the log's size now: queriesSince reads only what is written after it.
-func (q *queryLog) mark(t *testing.T) int64 {
+func (q *queryLog) mark(t testing.TB) int64 {
 	t.Helper()
 	st, err := os.Stat(q.path)
 	if err != nil {
@@ -81,7 +91,7 @@ func (q *queryLog) mark(t *testing.T) int64 {
 
 // queriesSince returns the queries ("A api.example.com") logged after mark, once at least
 // want have arrived (or a few seconds passed) and no more came in a quiet moment after.
-func (q *queryLog) queriesSince(t *testing.T, mark int64, want int) []string {
+func (q *queryLog) queriesSince(t testing.TB, mark int64, want int) []string {
 	t.Helper()
 	read := func() []string {
 		b, err := os.ReadFile(q.path)
@@ -98,7 +108,15 @@ func (q *queryLog) queriesSince(t *testing.T, mark int64, want int) []string {
 	for len(read()) < want && time.Now().Before(deadline) {
 		time.Sleep(50 * time.Millisecond)
 	}
-	time.Sleep(500 * time.Millisecond) // anything still on its way
+	// Anything still on its way: until the log has not grown for 500 ms (at most 5 s more).
+	for last, quiet := q.mark(t), time.Now().Add(5*time.Second); time.Now().Before(quiet); {
+		time.Sleep(500 * time.Millisecond)
+		size := q.mark(t)
+		if size == last {
+			break
+		}
+		last = size
+	}
 	return read()
 }
 
@@ -123,16 +141,13 @@ func clusterResolvConf(t *testing.T, l *netlab.Lab, server string) {
 // before) every connection costs two.
 func TestResolverQueriesPerConnection(t *testing.T) {
 	l := sharedLab(t)
-	dns := startQueryLoggingDNS(t, l, map[string][]string{"api.example.com": {"198.18.1.10", "fd00:18:1::10"}})
+	dns := startQueryLoggingDNS(t, l, queryDNSAddr, searchedDomains, map[string][]string{"api.example.com": {"198.18.1.10", "fd00:18:1::10"}})
 
 	// Before: the proxy's previous path, dialer.Lookup with Go's resolver, on every connection.
-	goResolver := &net.Resolver{PreferGo: true, Dial: func(ctx context.Context, network, _ string) (net.Conn, error) {
-		return l.Pod.Dial(network, queryDNSAddr+":53", time.Second)
-	}}
 	var before []int
 	for range 2 {
 		m := dns.mark(t)
-		if _, err := dialer.Lookup(context.Background(), goResolver, "api.example.com"); err != nil {
+		if _, err := dialer.Lookup(context.Background(), dns.resolver, "api.example.com"); err != nil {
 			t.Fatal(err)
 		}
 		before = append(before, len(dns.queriesSince(t, m, 2)))
@@ -230,7 +245,7 @@ func TestHappyEyeballsThroughTheGateway(t *testing.T) {
 	const dead6, dead4 = "fd00:18:9::30", "198.18.9.30"
 	dropped6 := blackhole(t, l, dead6)
 	dropped4 := blackhole(t, l, dead4)
-	startQueryLoggingDNS(t, l, map[string][]string{
+	startQueryLoggingDNS(t, l, queryDNSAddr, searchedDomains, map[string][]string{
 		"he6.example.com": {dead6, "198.18.1.10"},   // AAAA dead, A works
 		"he4.example.com": {dead4, "fd00:18:1::10"}, // A dead, AAAA works
 	})
