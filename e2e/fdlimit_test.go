@@ -363,9 +363,6 @@ func TestControlPlaneOutOfDescriptors(t *testing.T) {
 		}
 	}
 	t.Logf("exhausted with %d connections held; /health and /ready answered", len(held))
-	if r := p.RecordsAfter(mark, recovered); len(r) != 0 {
-		t.Fatalf("%q while still exhausted: %v", recovered, r)
-	}
 
 	freed := from(p)
 	for _, c := range held {
