@@ -91,12 +91,19 @@ func Dial(ctx context.Context, d ContextDialer, addrs []netip.Addr, port uint16,
 	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
 	if len(addrs) == 1 {
-		return dialOne(ctx, d, netip.AddrPortFrom(addrs[0], port))
+		// Nothing to race: the calling goroutine dials. The racing path's goroutine, channel
+		// and attempt timer would cost a goroutine start and two hand-offs per connection,
+		// each a scheduler wake-up, for nothing.
+		c, err := attempt(ctx, d, netip.AddrPortFrom(addrs[0], port))
+		if err != nil {
+			return nil, netip.AddrPort{}, &dialError{addrs: addrs, port: port, errs: []error{err}}
+		}
+		return c, netip.AddrPortFrom(addrs[0], port), nil
 	}
 	order := interleave(addrs)
 
 	type result struct {
-		c   net.Conn
+		c   *net.TCPConn
 		ap  netip.AddrPort
 		err error
 	}
@@ -107,7 +114,7 @@ func Dial(ctx context.Context, d ContextDialer, addrs []netip.Addr, port uint16,
 		next++
 		pending++
 		go func() {
-			c, err := d.DialContext(ctx, "tcp", ap.String())
+			c, err := attempt(ctx, d, ap)
 			results <- result{c, ap, err}
 		}()
 	}
@@ -123,14 +130,6 @@ func Dial(ctx context.Context, d ContextDialer, addrs []netip.Addr, port uint16,
 		select {
 		case r := <-results:
 			pending--
-			var tc *net.TCPConn
-			if r.err == nil {
-				var ok bool
-				if tc, ok = r.c.(*net.TCPConn); !ok {
-					r.c.Close()
-					r.err = fmt.Errorf("dial %s: not a TCP connection", r.ap)
-				}
-			}
 			if r.err == nil {
 				cancel()
 				// Late attempts that connected anyway are closed in the background.
@@ -141,7 +140,7 @@ func Dial(ctx context.Context, d ContextDialer, addrs []netip.Addr, port uint16,
 						}
 					}
 				}(pending)
-				return tc, r.ap, nil
+				return r.c, r.ap, nil
 			}
 			errs = append(errs, r.err)
 			if next < len(order) && ctx.Err() == nil {
@@ -156,20 +155,18 @@ func Dial(ctx context.Context, d ContextDialer, addrs []netip.Addr, port uint16,
 	return nil, netip.AddrPort{}, &dialError{addrs: addrs, port: port, errs: errs}
 }
 
-// dialOne is Dial for a single address (an IP target, a name with one address): there is
-// nothing to race, so the calling goroutine dials itself. The racing path's goroutine,
-// channel and attempt timer cost a goroutine start and two hand-offs per connection, each a
-// scheduler wake-up, for nothing.
-func dialOne(ctx context.Context, d ContextDialer, ap netip.AddrPort) (*net.TCPConn, netip.AddrPort, error) {
+// attempt is one connection attempt to ap.
+func attempt(ctx context.Context, d ContextDialer, ap netip.AddrPort) (*net.TCPConn, error) {
 	c, err := d.DialContext(ctx, "tcp", ap.String())
-	if err == nil {
-		if tc, ok := c.(*net.TCPConn); ok {
-			return tc, ap, nil
-		}
-		c.Close()
-		err = fmt.Errorf("dial %s: not a TCP connection", ap)
+	if err != nil {
+		return nil, err
 	}
-	return nil, netip.AddrPort{}, &dialError{addrs: []netip.Addr{ap.Addr()}, port: ap.Port(), errs: []error{err}}
+	tc, ok := c.(*net.TCPConn)
+	if !ok {
+		c.Close()
+		return nil, fmt.Errorf("dial %s: not a TCP connection", ap)
+	}
+	return tc, nil
 }
 
 // interleave orders addrs by alternating families, starting with the family of addrs[0] and
