@@ -5,8 +5,8 @@
 # the bench policy's identity names 127.0.0.0/8 explicitly.
 #
 # Knobs: RUNS (default 1), BENCH_ARGS (default a shortened run, see below), EG_PORT (14750),
-# LOGS (file|off, passed to run-peers.sh; egress-guard logs to a file under OUT either way,
-# or to /dev/null with LOGS=off), BASELINE_BIN (another egress-guard binary, e.g. built from an
+# LOGS (file|off, passed to run-peers.sh; each egress-guard logs to a file under OUT, or to
+# /dev/null with LOGS=off), BASELINE_BIN (another egress-guard binary, e.g. built from an
 # earlier commit, benched in the same run as "eg-baseline" for before/after numbers), SIDECAR
 # (default 1: also bench the same binary as "eg-sidecar", with the runtime settings the injector
 # gives a sidecar: GOMAXPROCS=1; 0 to skip).
@@ -52,18 +52,18 @@ start_eg() {
 }
 trap 'kill -TERM $PIDS_TO_STOP 2>/dev/null || true; wait $PIDS_TO_STOP 2>/dev/null || true' EXIT
 
-EG_LOG="$OUT/egress-guard.log"
-[ "${LOGS:-file}" = off ] && EG_LOG=/dev/null
-start_eg "$ROOT/bin/egress-guard" "$EG_PORT" "$EG_METRICS" "$EG_LOG"
+# log_of NAME: where the egress-guard benched as NAME logs; every one of them alike, so that
+# LOGS=off compares them all without per-connection lines.
+log_of() { if [ "${LOGS:-file}" = off ]; then echo /dev/null; else echo "$OUT/$1.log"; fi; }
+
+start_eg "$ROOT/bin/egress-guard" "$EG_PORT" "$EG_METRICS" "$(log_of egress-guard)"
 EXTRA="egress-guard=127.0.0.1:$EG_PORT@$STARTED_PID"
 if [ "${SIDECAR:-1}" != 0 ]; then
-  SC_LOG="$OUT/eg-sidecar.log"
-  [ "${LOGS:-file}" = off ] && SC_LOG=/dev/null
-  start_eg "$ROOT/bin/egress-guard" $((EG_PORT + 2)) $((EG_METRICS + 2)) "$SC_LOG" GOMAXPROCS=1
+  start_eg "$ROOT/bin/egress-guard" $((EG_PORT + 2)) $((EG_METRICS + 2)) "$(log_of eg-sidecar)" GOMAXPROCS=1
   EXTRA="$EXTRA eg-sidecar=127.0.0.1:$((EG_PORT + 2))@$STARTED_PID"
 fi
 if [ -n "${BASELINE_BIN:-}" ]; then
-  start_eg "$BASELINE_BIN" $((EG_PORT + 1)) $((EG_METRICS + 1)) "$OUT/eg-baseline.log"
+  start_eg "$BASELINE_BIN" $((EG_PORT + 1)) $((EG_METRICS + 1)) "$(log_of eg-baseline)"
   EXTRA="$EXTRA eg-baseline=127.0.0.1:$((EG_PORT + 1))@$STARTED_PID"
 fi
 EXTRA="$EXTRA" "$BENCHDIR/run-peers.sh"
