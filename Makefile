@@ -48,6 +48,7 @@ bench-go:
 	$(GO) test -run '^$$' -bench . -benchmem ./pkg/... ./sidecar/...
 	$(GO) test -run '^$$' -bench BenchmarkTransparent -benchtime 2s ./e2e/
 	$(GO) test -run '^$$' -bench BenchmarkNamedCONNECT -benchtime 2s ./e2e/
+	$(GO) test -run '^$$' -bench BenchmarkSequentialCONNECT -benchtime 3000x -count 3 ./e2e/
 	KUBE_BIN_DIR=$$(scripts/k8s-bins.sh) $(GO) test -run '^$$' -bench BenchmarkControlPlane10000Sidecars -benchtime 1x -timeout 20m ./e2e/
 
 # egressbench against direct loopback, Squid, tinyproxy and egress-guard, side by side.

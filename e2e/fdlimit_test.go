@@ -32,7 +32,7 @@ func loopbackPolicy(extra string) string {
 // ownNS creates a network namespace with only loopback in it, removed at the end of the test:
 // the proxy's fixed ports and tens of thousands of loopback connections there collide with
 // nothing else on the machine.
-func ownNS(t *testing.T, prefix string) *netlab.NS {
+func ownNS(t testing.TB, prefix string) *netlab.NS {
 	t.Helper()
 	require(t, "prlimit")
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
@@ -48,7 +48,7 @@ func ownNS(t *testing.T, prefix string) *netlab.NS {
 // startLimited runs the gateway in ns under prlimit --nofile=nofile:nofile (exec all the way
 // down, so the process keeps one PID) with the policy file path and extra environment, and
 // waits until it is ready.
-func startLimited(t *testing.T, ns *netlab.NS, nofile int, policyPath string, env ...string) *netlab.Process {
+func startLimited(t testing.TB, ns *netlab.NS, nofile int, policyPath string, env ...string) *netlab.Process {
 	t.Helper()
 	bin := binary(t, "./cmd/egress-guard")
 	wrapper := filepath.Join(t.TempDir(), "egress-guard-limited")
@@ -82,7 +82,7 @@ func startLimited(t *testing.T, ns *netlab.NS, nofile int, policyPath string, en
 // echoListener serves an echo server on 127.0.0.1 in ns until the test ends. It reads and
 // writes with a small buffer of its own: io.Copy between two TCP sockets would splice through
 // a pipe, two more descriptors per connection.
-func echoListener(t *testing.T, ns *netlab.NS) string {
+func echoListener(t testing.TB, ns *netlab.NS) string {
 	t.Helper()
 	ln, err := ns.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
