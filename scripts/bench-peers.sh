@@ -9,7 +9,9 @@
 # /dev/null with LOGS=off), BASELINE_BIN (another egress-guard binary, e.g. built from an
 # earlier commit, benched in the same run as "eg-baseline" for before/after numbers), SIDECAR
 # (default 1: also bench the same binary as "eg-sidecar", with the runtime settings the injector
-# gives a sidecar: GOMAXPROCS=1; 0 to skip).
+# gives a sidecar: GOMAXPROCS=1; 0 to skip), FLOORS (default 1: also bench scripts/benchfloor's two
+# engines, "go-floor" and "epoll-floor", the least a CONNECT proxy can cost with goroutines over
+# Go's netpoller and with one epoll loop; 0 to skip).
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 SHARED=${SHARED:-$ROOT/../shared}
@@ -24,6 +26,7 @@ EG_PORT=${EG_PORT:-14750}
 EG_METRICS=${EG_METRICS:-14790}
 
 mkdir -p "$OUT"
+chmod 755 "$OUT" # Squid runs as its own user (proxy) and must reach its files under OUT
 cat > "$OUT/bench-policy.yaml" <<'YAML'
 identities:
   bench:
@@ -65,6 +68,17 @@ fi
 if [ -n "${BASELINE_BIN:-}" ]; then
   start_eg "$BASELINE_BIN" $((EG_PORT + 1)) $((EG_METRICS + 1)) "$(log_of eg-baseline)"
   EXTRA="$EXTRA eg-baseline=127.0.0.1:$((EG_PORT + 1))@$STARTED_PID"
+fi
+if [ "${FLOORS:-1}" != 0 ]; then
+  (cd "$ROOT" && go build -o "$OUT/benchfloor" ./scripts/benchfloor)
+  port=$((EG_PORT + 3))
+  for engine in go epoll; do
+    "$OUT/benchfloor" -engine "${engine/#go/goroutine}" -listen "127.0.0.1:$port" >"$(log_of $engine-floor)" 2>&1 &
+    PIDS_TO_STOP="${PIDS_TO_STOP:-} $!"
+    EXTRA="$EXTRA $engine-floor=127.0.0.1:$port@$!"
+    for _ in $(seq 1 50); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.1; done
+    port=$((port + 1))
+  done
 fi
 EXTRA="$EXTRA" "$BENCHDIR/run-peers.sh"
 
