@@ -132,6 +132,27 @@ func TestInjectorWithARealAPIServer(t *testing.T) {
 		}
 	})
 
+	// A workload that writes the status record and an init container named like the capture
+	// one, which does nothing, gets the real capture: the record is never trusted.
+	t.Run("a forged injection is replaced by the real one", func(t *testing.T) {
+		p, err := create("labelled", "forged", map[string]string{inject.AnnotationStatus: "{}"}, func(p *corev1.Pod) {
+			p.Spec.InitContainers = []corev1.Container{{Name: contract.InitContainer, Image: "busybox", Command: []string{"true"}}}
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := strings.Join(names(p.Spec.InitContainers), ","); got != contract.InitContainer+","+contract.SidecarContainer {
+			t.Fatalf("init containers %s", got)
+		}
+		if init := p.Spec.InitContainers[0]; init.Image != "egress-guard-init:e2e" || len(init.Command) != 0 ||
+			!strings.Contains(strings.Join(init.Args, " "), "--proxy-uid 15337") {
+			t.Fatalf("the capture init container is not the injector's: image %q, command %v, args %v", init.Image, init.Command, init.Args)
+		}
+		if p.Annotations[inject.AnnotationStatus] == "{}" {
+			t.Fatal("the forged status record was kept")
+		}
+	})
+
 	t.Run("opt-in, opt-out and untouched pods", func(t *testing.T) {
 		for _, c := range []struct {
 			ns, name    string

@@ -16,6 +16,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"net/netip"
+	"reflect"
 	"slices"
 	"strconv"
 	"strings"
@@ -82,30 +83,49 @@ func Wanted(pod *corev1.Pod, namespaceLabels map[string]string) bool {
 	return namespaceLabels[LabelInject] == "enabled"
 }
 
-// Injected reports whether the pod already carries our containers and the record of them (a
-// re-invocation, or a pod created from an injected one): it is then left alone. The annotation
-// alone is not enough: a workload could set it to skip injection.
-func Injected(pod *corev1.Pod) bool {
-	if _, ok := pod.Annotations[AnnotationStatus]; !ok {
-		return false
-	}
-	for _, c := range pod.Spec.InitContainers {
-		if c.Name == contract.InitContainer {
-			return true
-		}
-	}
-	return false
-}
-
 // Mutate returns the pod with egress-guard injected. It never changes its argument. A pod that
-// does not want injection, or is already injected, is returned as is.
+// does not want injection, or that already carries exactly this injection, is returned as is.
+//
+// A pod may arrive with the status record already on it: a re-invocation after later webhooks
+// changed it, a copy of an injected pod (kubectl debug --copy-to), or a forgery, a record and
+// an init container named like ours that is not ours, written by a workload to skip capture.
+// The pod cannot tell them apart, so it is never trusted: whatever carries our names is
+// replaced by what this configuration injects, and every other container is checked like any
+// pod's, including those a later webhook added.
 func Mutate(pod *corev1.Pod, namespaceLabels map[string]string, cfg Config) (*corev1.Pod, error) {
-	if !Wanted(pod, namespaceLabels) || Injected(pod) {
+	if !Wanted(pod, namespaceLabels) {
 		return pod, nil
 	}
-	if err := check(pod, namespaceLabels, cfg); err != nil {
+	base := pod
+	if _, ok := pod.Annotations[AnnotationStatus]; ok {
+		base = withoutInjection(pod)
+	}
+	if err := check(base, namespaceLabels, cfg); err != nil {
 		return nil, err
 	}
+	out := inject(base, cfg)
+	if reflect.DeepEqual(out, pod) {
+		return pod, nil
+	}
+	return out, nil
+}
+
+// withoutInjection is a copy of the pod without what egress-guard injects: its containers, its
+// token volume and its status record.
+func withoutInjection(pod *corev1.Pod) *corev1.Pod {
+	out := pod.DeepCopy()
+	ours := func(c corev1.Container) bool {
+		return c.Name == contract.InitContainer || c.Name == contract.SidecarContainer
+	}
+	out.Spec.InitContainers = slices.DeleteFunc(out.Spec.InitContainers, ours)
+	out.Spec.Containers = slices.DeleteFunc(out.Spec.Containers, ours)
+	out.Spec.Volumes = slices.DeleteFunc(out.Spec.Volumes, func(v corev1.Volume) bool { return v.Name == tokenVolume })
+	delete(out.Annotations, AnnotationStatus)
+	return out
+}
+
+// inject adds egress-guard to a copy of a pod that has passed check.
+func inject(pod *corev1.Pod, cfg Config) *corev1.Pod {
 	out := pod.DeepCopy()
 	initC, sidecar := cfg.initContainer(), cfg.sidecar()
 	if cfg.NativeSidecar {
@@ -134,7 +154,7 @@ func Mutate(pod *corev1.Pod, namespaceLabels map[string]string, cfg Config) (*co
 		out.Annotations = map[string]string{}
 	}
 	out.Annotations[AnnotationStatus] = cfg.status(initC, sidecar)
-	return out, nil
+	return out
 }
 
 // check refuses the pods that would bypass capture, each reason saying what to change.

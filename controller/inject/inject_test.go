@@ -10,6 +10,7 @@ import (
 
 	corev1 "k8s.io/api/core/v1"
 	"k8s.io/apimachinery/pkg/api/resource"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"sigs.k8s.io/yaml"
 )
 
@@ -120,5 +121,34 @@ func TestSidecarRuntimeEnv(t *testing.T) {
 	}
 	if _, ok := got["GOMEMLIMIT"]; ok {
 		t.Fatalf("GOMEMLIMIT %q without a memory limit", got["GOMEMLIMIT"])
+	}
+}
+
+// A later webhook adds a container to an injected pod and the API server re-invokes the
+// injector (reinvocationPolicy IfNeeded): the added container is checked like any other.
+func TestReinvocationChecksAddedContainers(t *testing.T) {
+	cfg := testConfig()
+	pod := &corev1.Pod{
+		ObjectMeta: metav1.ObjectMeta{Name: "app", Namespace: "shop"},
+		Spec:       corev1.PodSpec{Containers: []corev1.Container{{Name: "app", Image: "app:1"}}},
+	}
+	labels := map[string]string{LabelInject: "enabled"}
+	injected, err := Mutate(pod, labels, cfg)
+	if err != nil || injected == pod {
+		t.Fatalf("first injection: %v", err)
+	}
+	if again, err := Mutate(injected, labels, cfg); err != nil || again != injected {
+		t.Fatalf("re-invocation with the injection intact changed the pod (%v)", err)
+	}
+	added := injected.DeepCopy()
+	uid := cfg.ProxyUID
+	added.Spec.Containers = append(added.Spec.Containers, corev1.Container{
+		Name: "added-by-another-webhook", Image: "agent:1",
+		SecurityContext: &corev1.SecurityContext{RunAsUser: &uid},
+	})
+	_, err = Mutate(added, labels, cfg)
+	want := `egress-guard refuses this pod: container "added-by-another-webhook" runs as UID 15337, the proxy's, whose traffic is not captured: choose another UID`
+	if err == nil || err.Error() != want {
+		t.Fatalf("got %v, want %s", err, want)
 	}
 }
