@@ -167,7 +167,8 @@ func (c *Classifier) SetSelf(addrs []netip.Addr) {
 
 // Classify returns the class of addr and the internal range that made it internal (the zero
 // Prefix for Public). For an IPv6 embedding of an internal IPv4 address, the range returned is
-// the embedding prefix itself, so that only a rule written for that IPv6 form names it.
+// the IPv6 image of the IPv4 range (see image), so that only a rule written for that IPv6 form
+// of the internal range names it, never one for the embedding prefix as a whole.
 //
 // The proxy's own addresses are looked up first, in every form (plain, and the IPv4 address an
 // IPv6 form embeds), so Self wins over every range class: the pod IP is RFC 1918 or ULA, yet
@@ -183,8 +184,8 @@ func (c *Classifier) Classify(addr netip.Addr) (Class, netip.Prefix) {
 		if self.has(v4) {
 			return Self, netip.PrefixFrom(addr, 128)
 		}
-		if cl, _ := c.classify(v4); cl.Internal() {
-			return cl, mapped
+		if cl, r := c.classify(v4); cl.Internal() {
+			return cl, image(addr, mapped, cl, r)
 		}
 		return Public, netip.Prefix{}
 	}
@@ -195,15 +196,15 @@ func (c *Classifier) Classify(addr netip.Addr) (Class, netip.Prefix) {
 		return cl, p
 	}
 	if addr.Is6() {
-		v4s, n, prefix := embedded(addr)
+		v4s, n, form := embedded(addr)
 		for _, v4 := range v4s[:n] {
 			if self.has(v4) {
 				return Self, netip.PrefixFrom(addr, 128)
 			}
 		}
 		for _, v4 := range v4s[:n] {
-			if cl, _ := c.classify(v4); cl.Internal() {
-				return cl, prefix
+			if cl, r := c.classify(v4); cl.Internal() {
+				return cl, image(addr, form, cl, r)
 			}
 		}
 	}
@@ -226,28 +227,65 @@ func (c *Classifier) classify(addr netip.Addr) (Class, netip.Prefix) {
 }
 
 // embedded returns the IPv4 addresses an IPv6 address carries (the first n of v4s: none, one,
-// or Teredo's client and server) and the form's prefix. It returns an array, not a slice, so
-// that Classify does not allocate.
-func embedded(a netip.Addr) (v4s [2]netip.Addr, n int, prefix netip.Prefix) {
+// Teredo's client and server, or the four places an operator's local-use NAT64 prefix may put
+// it) and the form's prefix. It returns an array, not a slice, so that Classify does not
+// allocate.
+func embedded(a netip.Addr) (v4s [4]netip.Addr, n int, prefix netip.Prefix) {
 	b := a.As16()
 	last := netip.AddrFrom4([4]byte{b[12], b[13], b[14], b[15]})
 	switch {
 	case translated.Contains(a):
-		return [2]netip.Addr{last}, 1, translated
+		return [4]netip.Addr{last}, 1, translated
 	case compatible.Contains(a): // :: and ::1 were classified already
-		return [2]netip.Addr{last}, 1, compatible
+		return [4]netip.Addr{last}, 1, compatible
 	case nat64.Contains(a):
-		return [2]netip.Addr{last}, 1, nat64
+		return [4]netip.Addr{last}, 1, nat64
 	case nat64Local.Contains(a):
-		return [2]netip.Addr{last}, 1, nat64Local
+		// RFC 8215 lets the operator use a /48, /56, /64 or /96 inside 64:ff9b:1::/48, and
+		// RFC 6052 puts the IPv4 address in a different place for each. Which one this
+		// network uses is not known here, so every place that can hold one is checked: the
+		// first three only when bits 64-71 are zero, as RFC 6052 requires of them. A place
+		// that holds 0.0.0.0/8 is what the other layouts leave there, not an address (a
+		// translator never sends to "this network"), and is skipped.
+		candidates := [...]netip.Addr{
+			netip.AddrFrom4([4]byte{b[6], b[7], b[9], b[10]}),   // /48
+			netip.AddrFrom4([4]byte{b[7], b[9], b[10], b[11]}),  // /56
+			netip.AddrFrom4([4]byte{b[9], b[10], b[11], b[12]}), // /64
+			last, // /96
+		}
+		for i, c := range candidates {
+			if (i == 3 || b[8] == 0) && c.As4()[0] != 0 {
+				v4s[n], n = c, n+1
+			}
+		}
+		return v4s, n, nat64Local
 	case sixToFour.Contains(a):
-		return [2]netip.Addr{netip.AddrFrom4([4]byte{b[2], b[3], b[4], b[5]})}, 1, sixToFour
+		return [4]netip.Addr{netip.AddrFrom4([4]byte{b[2], b[3], b[4], b[5]})}, 1, sixToFour
 	case teredo.Contains(a):
 		server := netip.AddrFrom4([4]byte{b[4], b[5], b[6], b[7]})
 		client := netip.AddrFrom4([4]byte{^b[12], ^b[13], ^b[14], ^b[15]})
-		return [2]netip.Addr{client, server}, 2, teredo
+		return [4]netip.Addr{client, server}, 2, teredo
 	}
 	return v4s, 0, netip.Prefix{}
+}
+
+// image is the internal range of an IPv6 form that embeds an internal IPv4 address whose
+// range is r: the IPv6 image of r in that form (64:ff9b::a00:0/104 for 10.0.0.0/8 through
+// NAT64). A rule for the embedding prefix as a whole, such as 64:ff9b::/96 on an IPv6-only
+// cluster with DNS64 to reach the IPv4 internet, must not name the metadata address or a
+// private network through it; a rule for the image of 10.0.0.0/8 may name 10.0.0.5 through it.
+// Endpoints (Platform, and the loopback and link-local ranges that hold the metadata services)
+// are the address alone, as Self is. Forms whose IPv4 bits are not in one place (Teredo, the
+// local-use NAT64 prefix) are the address alone too.
+func image(addr netip.Addr, form netip.Prefix, cl Class, r netip.Prefix) netip.Prefix {
+	switch {
+	case cl == Platform || cl == Loopback || cl == LinkLocal:
+	case form == sixToFour:
+		return netip.PrefixFrom(addr, 16+r.Bits()).Masked()
+	case form == mapped || form == translated || form == compatible || form == nat64:
+		return netip.PrefixFrom(addr, 96+r.Bits()).Masked()
+	}
+	return netip.PrefixFrom(addr, 128)
 }
 
 // NamedBy reports whether a rule for prefix rule explicitly names the internal range that

@@ -70,7 +70,14 @@ func TestClassify(t *testing.T) {
 		{"::ffff:0:a00:1", Private}, // IPv4-translated 10.0.0.1
 		{"64:ff9b::a9fe:a9fe", LinkLocal},
 		{"64:ff9b::808:808", Public},
-		{"64:ff9b:1::a00:1", Private},
+		{"64:ff9b:1::a00:1", Private},                 // local-use NAT64, /96 layout
+		{"64:ff9b:1::808:808", Public},                // 8.8.8.8, /96 layout
+		{"64:ff9b:1:a9fe:a9:fe00::", LinkLocal},       // /48 layout: 169.254.169.254
+		{"64:ff9b:1:a9fe:a9:fe00:808:808", LinkLocal}, // the same, with a suffix a translator ignores
+		{"64:ff9b:1:a00:0:100::", Private},            // /48 layout: 10.0.0.1
+		{"64:ff9b:1:a:0:1:0:0", Private},              // /56 layout: 10.0.0.1
+		{"64:ff9b:1:0:a:0:100:0", Private},            // /64 layout: 10.0.0.1
+		{"64:ff9b:1:0:8:808:800:0", Public},           // /64 layout: 8.8.8.8
 		{"2002:a9fe:a9fe::1", LinkLocal},
 		{"2002:0a00:0001::", Private},
 		{"2002:0808:0808::1", Public},
@@ -114,7 +121,23 @@ func TestNamedBy(t *testing.T) {
 		{"0.0.0.0/0", "168.63.129.16", false},
 		{"128.0.0.0/1", "168.63.129.16", false},
 		{"::ffff:168.63.129.16/128", "::ffff:168.63.129.16", true},
-		{"::ffff:0:0/96", "::ffff:168.63.129.16", true}, // as for every mapped internal address
+		{"::ffff:0:0/96", "::ffff:168.63.129.16", false}, // a platform endpoint: only the exact address
+		{"::ffff:0:0/96", "::ffff:10.0.0.5", false},      // the mapped prefix as a whole names nothing
+		{"::ffff:10.0.0.0/104", "::ffff:10.0.0.5", true}, // the image of 10.0.0.0/8
+		// NAT64 (an IPv6-only cluster with DNS64): a rule for the whole prefix, which reaches
+		// the IPv4 internet, names no internal address through it.
+		{"64:ff9b::/96", "64:ff9b::a9fe:a9fe", false}, // metadata
+		{"64:ff9b::/96", "64:ff9b::a83f:8110", false}, // Azure WireServer
+		{"64:ff9b::/96", "64:ff9b::6464:64c8", false}, // Alibaba metadata
+		{"64:ff9b::/96", "64:ff9b::a00:5", false},
+		{"64:ff9b::a9fe:a9fe/128", "64:ff9b::a9fe:a9fe", true},
+		{"64:ff9b::a00:0/104", "64:ff9b::a00:5", true},
+		{"64:ff9b::a00:0/120", "64:ff9b::a00:5", true},
+		{"2002::/16", "2002:a83f:8110::1", false},
+		{"2002::/16", "2002:a00:5::1", false},
+		{"2002:a00::/24", "2002:a00:5::1", true},
+		{"64:ff9b:1::/48", "64:ff9b:1:a9fe:a9:fe00::", false}, // /48 layout: 169.254.169.254
+		{"64:ff9b:1:a9fe:a9:fe00::/128", "64:ff9b:1:a9fe:a9:fe00::", true},
 		{"::/0", "fd00::1", false},
 		{"fd00::/8", "fd00::1", true},
 		{"10.0.0.0/24", "::ffff:10.0.0.5", false}, // callers unmap; the v6 form needs a v6 rule
@@ -154,13 +177,13 @@ func TestClassifySelfWins(t *testing.T) {
 		{"100.64.0.7", Self, "100.64.0.7/32"}, // stored unmapped
 		{"168.63.129.16", Self, "168.63.129.16/32"},
 		{"::ffff:10.0.0.7", Self, "::ffff:10.0.0.7/128"},
-		{"::ffff:10.0.0.8", Private, "::ffff:0.0.0.0/96"},
+		{"::ffff:10.0.0.8", Private, "::ffff:10.0.0.0/104"},
 		{"::a00:7", Self, "::a00:7/128"},
 		{"::ffff:0:a00:7", Self, "::ffff:0:a00:7/128"},
 		{"64:ff9b::a00:7", Self, "64:ff9b::a00:7/128"},
 		{"64:ff9b:1::a00:7", Self, "64:ff9b:1::a00:7/128"},
 		{"2002:a00:7::1", Self, "2002:a00:7::1/128"},
-		{"2002:a00:8::1", Private, "2002::/16"},
+		{"2002:a00:8::1", Private, "2002:a00::/24"},
 		// Teredo: client ^f5fffff8 = 10.0.0.7; a self server beats a private client.
 		{"2001:0:4136:e378:8000:63bf:f5ff:fff8", Self, "2001:0:4136:e378:8000:63bf:f5ff:fff8/128"},
 		{"2001:0:a00:7:8000:63bf:f5ff:fffe", Self, "2001:0:a00:7:8000:63bf:f5ff:fffe/128"},
