@@ -26,7 +26,7 @@ const (
 	Multicast         // 224.0.0.0/4, ff00::/8, 255.255.255.255
 	Private           // RFC 1918
 	CGNAT             // 100.64.0.0/10
-	ULA               // fc00::/7
+	ULA               // fc00::/7, and the deprecated site-local fec0::/10
 	Reserved          // 240.0.0.0/4, 192.0.0.0/24
 	Self              // one of the proxy's own addresses; wins over every other class
 	Configured        // an operator-configured internal range
@@ -92,6 +92,9 @@ var ranges = []rangeClass{
 	{netip.MustParsePrefix("fd20:ce::254/128"), Platform},  // GCP metadata over IPv6
 	{netip.MustParsePrefix("fc00::/7"), ULA},
 	{netip.MustParsePrefix("fe80::/10"), LinkLocal},
+	// Site-local, ULA's deprecated predecessor (RFC 3879): still routed inside some old
+	// networks, never on the internet.
+	{netip.MustParsePrefix("fec0::/10"), ULA},
 	{netip.MustParsePrefix("ff00::/8"), Multicast},
 }
 

@@ -70,6 +70,7 @@ func TestClassify(t *testing.T) {
 		{"::ffff:0:a00:1", Private}, // IPv4-translated 10.0.0.1
 		{"64:ff9b::a9fe:a9fe", LinkLocal},
 		{"64:ff9b::808:808", Public},
+		{"fec0::1", ULA},                              // deprecated site-local
 		{"64:ff9b:1::a00:1", Private},                 // local-use NAT64, /96 layout
 		{"64:ff9b:1::808:808", Public},                // 8.8.8.8, /96 layout
 		{"64:ff9b:1:a9fe:a9:fe00::", LinkLocal},       // /48 layout: 169.254.169.254
