@@ -166,6 +166,12 @@ func check(pod *corev1.Pod, nsLabels map[string]string, cfg Config) error {
 			"label the namespace %s=privileged, or opt this pod out with the annotation %s: \"false\" and send its egress through the gateway",
 			pod.Namespace, level, LabelPodSecurity, LabelPodSecurity, AnnotationInject)
 	}
+	if dc := pod.Spec.DNSConfig; dc != nil && len(dc.Nameservers) > 0 {
+		// The capture lets DNS through to the pod's resolvers, read from its resolv.conf:
+		// resolvers the pod names itself would be a way out on port 53 to any host it likes.
+		add("dnsConfig.nameservers (%s) would be exempt from capture as the pod's DNS servers: remove them and use the cluster DNS",
+			strings.Join(dc.Nameservers, ", "))
+	}
 	if pod.Spec.HostNetwork {
 		add("hostNetwork: true shares the node's network namespace, where capture rules would apply to the node: run the pod without hostNetwork, or opt it out")
 	}
