@@ -23,6 +23,14 @@ const ednsSize = 1232
 // maxCNAMEs bounds how many CNAME hops of one answer are followed.
 const maxCNAMEs = 8
 
+// MaxAddrs bounds the addresses kept from one answer: the first MaxAddrs, in the answer's
+// order. A TCP answer can carry about 4,000 A records in 64 KiB, and the names are chosen by
+// whoever runs a wildcard-allowed domain's DNS; kept whole, 10,000 cache entries of them would
+// take about a gigabyte. The dialer tries the addresses one after another (Happy Eyeballs,
+// pkg/dialer, one attempt every AttemptDelay), so past a few dozen more addresses are never
+// dialed: 32 is already eight seconds of staggered attempts.
+const MaxAddrs = 32
+
 var (
 	errTruncated = errors.New("truncated response")
 	errMismatch  = errors.New("response does not match the query")
@@ -88,8 +96,8 @@ func buildQuery(id uint16, q dnsmessage.Question) ([]byte, error) {
 
 // parseResponse reads a server's response to the query (id, q). It checks that the response
 // answers this very question, follows CNAMEs from the question's name, and keeps the A or AAAA
-// records (as q asks) at the end of that chain. The bytes are untrusted: any malformed input
-// is an error, never a panic.
+// records (as q asks) at the end of that chain, the first MaxAddrs of them. The bytes are
+// untrusted: any malformed input is an error, never a panic.
 func parseResponse(msg []byte, id uint16, q dnsmessage.Question) (answer, error) {
 	var p dnsmessage.Parser
 	h, err := p.Start(msg)
@@ -193,6 +201,9 @@ func parseResponse(msg []byte, id uint16, q dnsmessage.Question) (answer, error)
 		if r.name == target && r.addr.IsValid() {
 			a.addrs = append(a.addrs, r.addr)
 			addrTTL = min(addrTTL, r.ttl)
+			if len(a.addrs) == MaxAddrs {
+				break
+			}
 		}
 	}
 	if len(a.addrs) > 0 {
@@ -245,23 +256,30 @@ func exchangeUDP(ctx context.Context, server string, msg []byte, id uint16, q dn
 	}
 	defer c.Close()
 	buf := make([]byte, ednsSize+512)
+	var ignored error // the last datagram ignored as malformed, for the timeout's message
 	for {
 		n, err := c.Read(buf)
 		if err != nil {
 			if ctx.Err() != nil {
+				if ignored != nil {
+					return answer{}, fmt.Errorf("%w (ignored a malformed response from %s: %v)", ctx.Err(), server, ignored)
+				}
 				return answer{}, ctx.Err()
 			}
 			return answer{}, err
 		}
-		// The socket is connected, so only the server's address gets here; a response with
-		// another ID or question is a stray or a spoofing attempt: keep waiting.
+		// The socket is connected, so only the server's address gets here, but anyone can
+		// forge that address. A datagram that does not parse, or answers another ID or
+		// question, is a stray or a spoofing attempt: ignore it and keep waiting for the
+		// server's answer until the deadline. Giving up on it would let an off-path sender
+		// that guesses the source port fail the lookup (and have the failure cached).
 		a, err := parseResponse(buf[:n], id, q)
-		if err == errMismatch {
-			continue
-		}
 		if err != nil && err != errTruncated {
 			if _, ok := err.(*serverError); !ok {
-				return answer{}, fmt.Errorf("malformed response from %s: %w", server, err)
+				if err != errMismatch {
+					ignored = err
+				}
+				continue
 			}
 		}
 		return a, err

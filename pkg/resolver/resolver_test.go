@@ -347,3 +347,67 @@ func TestHostsFileIsReadAgainOnlyWhenChanged(t *testing.T) {
 		t.Fatalf("after the recheck interval: %v, want the edit's 198.18.9.10", got)
 	}
 }
+
+// An answer keeps its first MaxAddrs addresses, in order, in the cache and for the caller: a
+// 64 KiB TCP answer of thousands of A records (names chosen by whoever runs a
+// wildcard-allowed domain's DNS) must not cost its whole size per cache entry.
+func TestAnswerKeepsAtMostMaxAddrs(t *testing.T) {
+	const n = 4000 // about 64,000 bytes: as many as a TCP answer holds
+	addrs := make([]string, n)
+	a := netip.MustParseAddr("198.18.0.1")
+	for i := range addrs {
+		addrs[i] = a.String()
+		a = a.Next()
+	}
+	s := newTestServer(t, map[string]record{"many.test.": {addrs: addrs, ttl: 60}})
+	s.set(func() { s.truncate = true }) // UDP says TC, the whole answer comes over TCP
+	r, _ := newTest(t, s, "", Config{})
+	got := lookup(t, r, "ip4", "many.test.")
+	if len(got) != MaxAddrs {
+		t.Fatalf("got %d addresses, want %d", len(got), MaxAddrs)
+	}
+	for i, a := range got {
+		if a.String() != addrs[i] {
+			t.Fatalf("address %d is %s, want %s (the answer's first ones, in order)", i, a, addrs[i])
+		}
+	}
+	if n := s.count("many.test.", "TypeA"); n != 2 {
+		t.Fatalf("%d queries, want 2 (UDP, then TCP)", n)
+	}
+	r.mu.Lock()
+	e := r.entries[key{"many.test.", dnsmessage.TypeA}].Value.(*entry)
+	kept := len(e.addrs)
+	r.mu.Unlock()
+	if kept != MaxAddrs {
+		t.Fatalf("the cache keeps %d addresses, want %d", kept, MaxAddrs)
+	}
+	if got := lookup(t, r, "ip4", "many.test."); len(got) != MaxAddrs {
+		t.Fatalf("cached: got %d addresses, want %d", len(got), MaxAddrs)
+	}
+}
+
+// A datagram that does not parse, or does not answer the query, is ignored, and the server's
+// answer is still taken: otherwise an off-path sender that guesses the source port could
+// fail a lookup (and have the failure cached) with five bytes.
+func TestJunkDatagramDoesNotFailTheLookup(t *testing.T) {
+	s := newTestServer(t, testRecords)
+	s.set(func() {
+		s.junk = func(query []byte) [][]byte {
+			// The query's ID, the response bit, one question, then nothing: parses past the
+			// ID check, fails on the question.
+			cut := append(query[:2:2], 0x81, 0x80, 0, 1, 0, 0, 0, 0, 0, 0, 7, 'v')
+			return [][]byte{{1, 2, 3, 4, 5}, cut}
+		}
+	})
+	r, _ := newTest(t, s, "options timeout:5 attempts:1\n", Config{})
+	start := time.Now()
+	if got := lookup(t, r, "ip4", "v4.test."); !slices.Equal(got, []netip.Addr{netip.MustParseAddr("198.18.1.11")}) {
+		t.Fatalf("got %v", got)
+	}
+	if d := time.Since(start); d > 2*time.Second {
+		t.Fatalf("lookup took %v: the answer was not taken as it came", d)
+	}
+	if n := s.queries(); n != 1 {
+		t.Fatalf("%d queries, want 1", n)
+	}
+}

@@ -35,6 +35,9 @@ type testServer struct {
 	truncate bool                        // answer UDP queries with TC set and no records
 	silent   map[string]bool             // "name type" never answered, as by a server or firewall that drops them
 	rcode    map[string]dnsmessage.RCode // "name type" answered with this code and no records
+	// junk returns datagrams sent to the client before each UDP answer (query is the query
+	// received), as by an off-path sender that guessed the client's port.
+	junk func(query []byte) [][]byte
 }
 
 func newTestServer(tb testing.TB, records map[string]record) *testServer {
@@ -65,6 +68,14 @@ func newTestServer(tb testing.TB, records map[string]record) *testServer {
 				return
 			}
 			go func() {
+				s.mu.Lock()
+				junk := s.junk
+				s.mu.Unlock()
+				if junk != nil {
+					for _, j := range junk(buf[:n]) {
+						pc.WriteTo(j, from)
+					}
+				}
 				if out := s.answer(buf[:n], true); out != nil {
 					pc.WriteTo(out, from)
 				}
@@ -152,7 +163,7 @@ func (s *testServer) answer(msg []byte, udp bool) []byte {
 	return out
 }
 
-// set changes the server's behaviour (delay, truncate, silent, rcode) under its lock.
+// set changes the server's behaviour (delay, truncate, silent, rcode, junk) under its lock.
 func (s *testServer) set(f func()) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
