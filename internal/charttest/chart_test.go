@@ -296,7 +296,9 @@ func TestTemplateAllEnabled(t *testing.T) {
 	sort.Strings(got)
 	want := []string{
 		"ClusterRole/" + fullname + "-" + ns,
+		"ClusterRole/" + fullname + "-gateway-" + ns,
 		"ClusterRoleBinding/" + fullname + "-" + ns,
+		"ClusterRoleBinding/" + fullname + "-gateway-" + ns,
 		"ConfigMap/" + ns + "/" + fullname + "-policy",
 		"Deployment/" + ns + "/" + fullname,
 		"Deployment/" + ns + "/" + fullname + "-gateway",
@@ -373,18 +375,72 @@ func TestTemplateAllEnabled(t *testing.T) {
 	if gsvc.Spec.Ports[0].Port != contract.GatewayProxyPort || gsvc.Spec.Ports[0].Name != "proxy" {
 		t.Errorf("gateway service ports %+v", gsvc.Spec.Ports)
 	}
+	// The control plane's binding is its own ServiceAccount's only; the gateway's
+	// ServiceAccount is bound to a role that can create TokenReviews and nothing else.
 	var crb rbacv1.ClusterRoleBinding
 	decode(t, find(t, objs, "ClusterRoleBinding", fullname+"-"+ns), &crb)
-	if !reflect.DeepEqual(crb.Subjects, []rbacv1.Subject{
-		{Kind: "ServiceAccount", Name: fullname, Namespace: ns},
-		{Kind: "ServiceAccount", Name: fullname + "-gateway", Namespace: ns},
-	}) {
-		t.Errorf("clusterrolebinding subjects %+v", crb.Subjects)
+	if !reflect.DeepEqual(crb.Subjects, []rbacv1.Subject{{Kind: "ServiceAccount", Name: fullname, Namespace: ns}}) {
+		t.Errorf("controller clusterrolebinding subjects %+v", crb.Subjects)
 	}
+	checkGatewayRBAC(t, objs)
 
 	var np networkingv1.NetworkPolicy
 	decode(t, find(t, objs, "NetworkPolicy", fullname+"-egress"), &np)
 	checkNetworkPolicy(t, np)
+}
+
+// TestGatewayRBAC: with the gateway on (and with everything on), the gateway's ServiceAccount
+// is bound only to its own ClusterRole, which may create TokenReviews and nothing else.
+func TestGatewayRBAC(t *testing.T) {
+	t.Parallel()
+	x := newTool(t)
+	for _, args := range [][]string{{"--set", "gateway.enabled=true"}, allEnabled} {
+		t.Run(strings.Join(args, " "), func(t *testing.T) { checkGatewayRBAC(t, render(x.with(t), args...)) })
+	}
+}
+
+// checkGatewayRBAC checks that every (Cluster)RoleBinding naming the gateway's ServiceAccount
+// is the gateway's own ClusterRoleBinding, and that its ClusterRole has exactly one rule:
+// create authentication.k8s.io tokenreviews (the one API call the proxy makes,
+// pkg/tokenreview). Binding the gateway to the control plane's role (namespaces too) fails.
+func checkGatewayRBAC(t *testing.T, objs []object) {
+	t.Helper()
+	gatewaySA := rbacv1.Subject{Kind: "ServiceAccount", Name: fullname + "-gateway", Namespace: ns}
+	var bound []string
+	for _, o := range objs {
+		if o.Kind != "ClusterRoleBinding" && o.Kind != "RoleBinding" {
+			continue
+		}
+		var b rbacv1.ClusterRoleBinding // a RoleBinding has the same fields
+		decode(t, o, &b)
+		for _, s := range b.Subjects {
+			if s.Kind == gatewaySA.Kind && s.Name == gatewaySA.Name && s.Namespace == gatewaySA.Namespace {
+				bound = append(bound, o.Kind+"/"+b.Name+" -> "+b.RoleRef.Kind+"/"+b.RoleRef.Name)
+			}
+		}
+	}
+	name := fullname + "-gateway-" + ns
+	if want := []string{"ClusterRoleBinding/" + name + " -> ClusterRole/" + name}; !slices.Equal(bound, want) {
+		t.Errorf("the gateway's ServiceAccount is bound by %v, want only %v", bound, want)
+	}
+	var crb rbacv1.ClusterRoleBinding
+	decode(t, find(t, objs, "ClusterRoleBinding", name), &crb)
+	if crb.RoleRef != (rbacv1.RoleRef{APIGroup: "rbac.authorization.k8s.io", Kind: "ClusterRole", Name: name}) ||
+		!reflect.DeepEqual(crb.Subjects, []rbacv1.Subject{gatewaySA}) {
+		t.Errorf("gateway clusterrolebinding roleRef %+v subjects %+v", crb.RoleRef, crb.Subjects)
+	}
+	var cr rbacv1.ClusterRole
+	decode(t, find(t, objs, "ClusterRole", name), &cr)
+	if want := []rbacv1.PolicyRule{
+		{APIGroups: []string{"authentication.k8s.io"}, Resources: []string{"tokenreviews"}, Verbs: []string{"create"}},
+	}; !reflect.DeepEqual(cr.Rules, want) || cr.AggregationRule != nil {
+		t.Errorf("gateway clusterrole rules %+v aggregation %+v, want exactly %+v", cr.Rules, cr.AggregationRule, want)
+	}
+	for _, o := range []object{find(t, objs, "ClusterRole", name), find(t, objs, "ClusterRoleBinding", name)} {
+		if o.Metadata.Labels["app.kubernetes.io/component"] != "gateway" || o.Metadata.Labels["app.kubernetes.io/instance"] != rel {
+			t.Errorf("%s labels %v", o.key(), o.Metadata.Labels)
+		}
+	}
 }
 
 func checkWebhook(t *testing.T, mwc admissionregistrationv1.MutatingWebhookConfiguration, ca []byte) {

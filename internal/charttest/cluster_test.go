@@ -11,6 +11,7 @@ import (
 	"testing"
 	"time"
 
+	authorizationv1 "k8s.io/api/authorization/v1"
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -79,7 +80,7 @@ func TestAgainstAPIServer(t *testing.T) {
 		manifest := splitManifests(t, x.must(nil, x.helm, "get", "manifest", rel, "--namespace", ns))
 		want := keys(manifest)
 		sort.Strings(want)
-		if len(want) != 15 {
+		if len(want) != 17 {
 			t.Fatalf("release manifest has %d objects: %v", len(want), want)
 		}
 		if got := liveObjects(t, ctx, cs); !slices.Equal(got, want) {
@@ -95,6 +96,7 @@ func TestAgainstAPIServer(t *testing.T) {
 			t.Fatal(err)
 		}
 		checkWebhook(t, *mwc, sec.Data["ca.crt"])
+		checkRBACLive(t, ctx, cs)
 
 		// An upgrade that changes something keeps the serving certificate and the CA (lookup).
 		x.must(nil, x.helm, append([]string{"upgrade", rel, x.chart, "--namespace", ns, "--set", "controller.logLevel=DEBUG"}, sets...)...)
@@ -140,6 +142,41 @@ func TestAgainstAPIServer(t *testing.T) {
 			t.Errorf("helm release records left: %d", len(rs.Items))
 		}
 	})
+}
+
+// checkRBACLive asks the API server's RBAC authorizer (SubjectAccessReview) what the
+// installed chart lets each ServiceAccount do: the gateway may create TokenReviews and
+// nothing else the control plane may; the control plane keeps its namespace access.
+func checkRBACLive(t *testing.T, ctx context.Context, cs kubernetes.Interface) {
+	t.Helper()
+	for _, tc := range []struct {
+		sa                    string
+		group, resource, verb string
+		want                  bool
+	}{
+		{fullname + "-gateway", "authentication.k8s.io", "tokenreviews", "create", true},
+		{fullname + "-gateway", "", "namespaces", "get", false},
+		{fullname + "-gateway", "", "namespaces", "list", false},
+		{fullname + "-gateway", "", "namespaces", "watch", false},
+		{fullname + "-gateway", "authorization.k8s.io", "subjectaccessreviews", "create", false},
+		{fullname, "authentication.k8s.io", "tokenreviews", "create", true},
+		{fullname, "", "namespaces", "list", true},
+		{fullname, "", "namespaces", "watch", true},
+	} {
+		sar, err := cs.AuthorizationV1().SubjectAccessReviews().Create(ctx, &authorizationv1.SubjectAccessReview{
+			Spec: authorizationv1.SubjectAccessReviewSpec{
+				User:               "system:serviceaccount:" + ns + ":" + tc.sa,
+				Groups:             []string{"system:serviceaccounts", "system:serviceaccounts:" + ns, "system:authenticated"},
+				ResourceAttributes: &authorizationv1.ResourceAttributes{Group: tc.group, Resource: tc.resource, Verb: tc.verb},
+			},
+		}, metav1.CreateOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if sar.Status.Allowed != tc.want {
+			t.Errorf("ServiceAccount %s %s %s.%s: allowed %v, want %v (%s)", tc.sa, tc.verb, tc.resource, tc.group, sar.Status.Allowed, tc.want, sar.Status.Reason)
+		}
+	}
 }
 
 // liveObjects lists, in the API server, every object of the kinds the chart renders that

@@ -62,10 +62,15 @@ app.kubernetes.io/component: {{ . }}
 {{- printf "%s-tls" (include "egress-guard.fullname" .) -}}
 {{- end -}}
 
-{{/* The ClusterRole shared by the control plane and the gateway. Cluster-scoped, so it
-carries the namespace: two releases of the same name in two namespaces do not collide. */}}
+{{/* The control plane's ClusterRole (and the webhook configuration's name). Cluster-scoped,
+so it carries the namespace: two releases of the same name in two namespaces do not collide. */}}
 {{- define "egress-guard.clusterRoleName" -}}
 {{- printf "%s-%s" (include "egress-guard.fullname" .) .Release.Namespace | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* The gateway's ClusterRole (TokenReviews only): <fullname>-gateway-<namespace>. */}}
+{{- define "egress-guard.gatewayClusterRoleName" -}}
+{{- printf "%s-%s" (include "egress-guard.gatewayName" .) .Release.Namespace | trunc 63 | trimSuffix "-" -}}
 {{- end -}}
 
 {{/* The control plane's in-cluster DNS name, the serving certificate's subject. */}}
