@@ -41,9 +41,12 @@ func TestInjectorWithARealAPIServer(t *testing.T) {
 	timeout := int32(10)
 	hook := func(name string) admissionregv1.MutatingWebhook {
 		return admissionregv1.MutatingWebhook{
-			Name:                    name,
-			ClientConfig:            admissionregv1.WebhookClientConfig{URL: &url, CABundle: ca.PEM},
-			Rules:                   []admissionregv1.RuleWithOperations{{Operations: []admissionregv1.OperationType{admissionregv1.Create}, Rule: admissionregv1.Rule{APIGroups: []string{""}, APIVersions: []string{"v1"}, Resources: []string{"pods"}}}},
+			Name:         name,
+			ClientConfig: admissionregv1.WebhookClientConfig{URL: &url, CABundle: ca.PEM},
+			Rules: []admissionregv1.RuleWithOperations{
+				{Operations: []admissionregv1.OperationType{admissionregv1.Create}, Rule: admissionregv1.Rule{APIGroups: []string{""}, APIVersions: []string{"v1"}, Resources: []string{"pods"}}},
+				{Operations: []admissionregv1.OperationType{admissionregv1.Update}, Rule: admissionregv1.Rule{APIGroups: []string{""}, APIVersions: []string{"v1"}, Resources: []string{"pods/ephemeralcontainers"}}},
+			},
 			FailurePolicy:           &fail,
 			SideEffects:             &none,
 			AdmissionReviewVersions: []string{"v1"},
@@ -150,6 +153,50 @@ func TestInjectorWithARealAPIServer(t *testing.T) {
 		}
 		if p.Annotations[inject.AnnotationStatus] == "{}" {
 			t.Fatal("the forged status record was kept")
+		}
+	})
+
+	// kubectl debug adds an ephemeral container to a running pod: one that runs as the proxy's
+	// UID (whose traffic is not captured) or is privileged is refused; a plain one is not.
+	t.Run("ephemeral containers that would bypass capture are refused", func(t *testing.T) {
+		p, err := create("labelled", "debugged", nil, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		uid := int64(contract.ProxyUID)
+		yes := true
+		debug := func(name string, sc *corev1.SecurityContext) error {
+			cur, err := c.CoreV1().Pods("labelled").Get(ctx, p.Name, metav1.GetOptions{})
+			if err != nil {
+				return err
+			}
+			cur.Spec.EphemeralContainers = append(cur.Spec.EphemeralContainers, corev1.EphemeralContainer{
+				EphemeralContainerCommon: corev1.EphemeralContainerCommon{Name: name, Image: "busybox", SecurityContext: sc},
+			})
+			_, err = c.CoreV1().Pods("labelled").UpdateEphemeralContainers(ctx, p.Name, cur, metav1.UpdateOptions{})
+			return err
+		}
+		for _, tc := range []struct {
+			name string
+			sc   *corev1.SecurityContext
+			want string
+		}{
+			{"as-proxy", &corev1.SecurityContext{RunAsUser: &uid}, `ephemeral container "as-proxy" runs as UID 15337, the proxy's`},
+			{"privileged", &corev1.SecurityContext{Privileged: &yes}, `ephemeral container "privileged" is privileged`},
+		} {
+			if err := debug(tc.name, tc.sc); err == nil || !strings.Contains(err.Error(), tc.want) {
+				t.Errorf("%s: got %v, want a refusal with %q", tc.name, err, tc.want)
+			}
+		}
+		if err := debug("plain", nil); err != nil {
+			t.Fatalf("a plain ephemeral container was refused: %v", err)
+		}
+		got, err := c.CoreV1().Pods("labelled").Get(ctx, p.Name, metav1.GetOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(got.Spec.EphemeralContainers) != 1 || got.Spec.EphemeralContainers[0].Name != "plain" {
+			t.Fatalf("ephemeral containers %+v, want only \"plain\"", got.Spec.EphemeralContainers)
 		}
 	})
 

@@ -194,32 +194,52 @@ func check(pod *corev1.Pod, nsLabels map[string]string, cfg Config) error {
 		if c.Name == contract.SidecarContainer || c.Name == contract.InitContainer {
 			add("container name %q is egress-guard's: rename the container", c.Name)
 		}
-		sc := c.SecurityContext
-		if sc == nil {
-			continue
-		}
-		if sc.RunAsUser != nil && *sc.RunAsUser == cfg.ProxyUID {
-			add("container %q runs as UID %d, the proxy's, whose traffic is not captured: choose another UID", c.Name, cfg.ProxyUID)
-		}
-		if sc.RunAsGroup != nil && *sc.RunAsGroup == cfg.ProxyGID {
-			add("container %q runs with GID %d, the proxy's: choose another group", c.Name, cfg.ProxyGID)
-		}
-		if sc.Privileged != nil && *sc.Privileged {
-			add("container %q is privileged and could remove the capture rules: drop privileged", c.Name)
-		}
-		if sc.Capabilities != nil {
-			for _, cap := range sc.Capabilities.Add {
-				switch strings.TrimPrefix(strings.ToUpper(string(cap)), "CAP_") {
-				case "NET_ADMIN", "NET_RAW", "ALL":
-					add("container %q adds capability %s, with which it could remove the capture rules or send raw packets: drop it", c.Name, cap)
-				}
-			}
-		}
+		checkContainer(fmt.Sprintf("container %q", c.Name), c.SecurityContext, cfg, add)
 	}
 	if len(reasons) > 0 {
 		return &Refusal{Reasons: reasons}
 	}
 	return nil
+}
+
+// CheckEphemeral refuses ephemeral containers (kubectl debug) that would bypass the capture of
+// a pod that has it, as check refuses app containers. The webhook sees them as an UPDATE of
+// the pod's ephemeralcontainers subresource, never as a pod CREATE.
+func CheckEphemeral(pod *corev1.Pod, cfg Config) error {
+	var reasons []string
+	add := func(format string, args ...any) { reasons = append(reasons, fmt.Sprintf(format, args...)) }
+	for _, c := range pod.Spec.EphemeralContainers {
+		checkContainer(fmt.Sprintf("ephemeral container %q", c.Name), c.SecurityContext, cfg, add)
+	}
+	if len(reasons) > 0 {
+		return &Refusal{Reasons: reasons}
+	}
+	return nil
+}
+
+// checkContainer adds the reasons a container's security context would bypass capture; what
+// names the container in them.
+func checkContainer(what string, sc *corev1.SecurityContext, cfg Config, add func(string, ...any)) {
+	if sc == nil {
+		return
+	}
+	if sc.RunAsUser != nil && *sc.RunAsUser == cfg.ProxyUID {
+		add("%s runs as UID %d, the proxy's, whose traffic is not captured: choose another UID", what, cfg.ProxyUID)
+	}
+	if sc.RunAsGroup != nil && *sc.RunAsGroup == cfg.ProxyGID {
+		add("%s runs with GID %d, the proxy's: choose another group", what, cfg.ProxyGID)
+	}
+	if sc.Privileged != nil && *sc.Privileged {
+		add("%s is privileged and could remove the capture rules: drop privileged", what)
+	}
+	if sc.Capabilities != nil {
+		for _, cap := range sc.Capabilities.Add {
+			switch strings.TrimPrefix(strings.ToUpper(string(cap)), "CAP_") {
+			case "NET_ADMIN", "NET_RAW", "ALL":
+				add("%s adds capability %s, with which it could remove the capture rules or send raw packets: drop it", what, cap)
+			}
+		}
+	}
 }
 
 func (cfg Config) initContainer() corev1.Container {

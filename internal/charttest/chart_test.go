@@ -471,9 +471,21 @@ func checkWebhook(t *testing.T, mwc admissionregistrationv1.MutatingWebhookConfi
 		!reflect.DeepEqual(w.NamespaceSelector.MatchExpressions[0], wantNS) {
 		t.Errorf("namespaceSelector %+v", w.NamespaceSelector)
 	}
-	if len(w.Rules) != 1 || !slices.Equal(w.Rules[0].Operations, []admissionregistrationv1.OperationType{admissionregistrationv1.Create}) ||
-		!slices.Equal(w.Rules[0].Resources, []string{"pods"}) || !slices.Equal(w.Rules[0].APIGroups, []string{""}) {
-		t.Errorf("rules %+v", w.Rules)
+	// Pod CREATE (injection) and UPDATE of ephemeral containers (kubectl debug, checked), and
+	// nothing else.
+	var rules []string
+	for _, r := range w.Rules {
+		if !slices.Equal(r.APIGroups, []string{""}) || !slices.Equal(r.APIVersions, []string{"v1"}) {
+			t.Errorf("rule %+v: want the core group, v1", r)
+		}
+		for _, op := range r.Operations {
+			for _, res := range r.Resources {
+				rules = append(rules, string(op)+" "+res)
+			}
+		}
+	}
+	if want := []string{"CREATE pods", "UPDATE pods/ephemeralcontainers"}; !slices.Equal(rules, want) {
+		t.Errorf("rules %v, want %v", rules, want)
 	}
 }
 
