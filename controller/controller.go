@@ -115,6 +115,7 @@ func Settings(c *Config) *settings.Set {
 		c.Inject.GoMaxProcs = n
 		return nil
 	})
+	s.Bool(&c.Inject.RequireFixedUser, "INJECT_REQUIRE_FIXED_USER", "", "false", "refuse app containers that could become the proxy's UID (no explicit non-root runAsUser, or privilege escalation allowed)")
 	s.Func("INJECT_SIDECAR_RESOURCES", "", "cpu=20m,memory=32Mi;memory=128Mi", "the sidecar's requests;limits", func(v string) error {
 		req, lim, _ := strings.Cut(v, ";")
 		var err error

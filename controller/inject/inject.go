@@ -62,6 +62,12 @@ type Config struct {
 	// GoMaxProcs is the sidecar's GOMAXPROCS; 0 leaves the Go runtime's default, which is
 	// every CPU of the node when the container has no CPU limit (and never less than 2).
 	GoMaxProcs int
+	// RequireFixedUser refuses app containers that could become the proxy's UID, whose
+	// traffic the capture exempts: each must run as an explicit UID other than root (the
+	// image's USER could be the proxy's, and root may setuid to it) with
+	// allowPrivilegeEscalation false (a setuid program could make it the proxy's). Off by
+	// default: most images run as root or set their user in the image.
+	RequireFixedUser bool
 }
 
 // Refusal is a pod the injector will not admit, with what to change.
@@ -195,6 +201,9 @@ func check(pod *corev1.Pod, nsLabels map[string]string, cfg Config) error {
 			add("container name %q is egress-guard's: rename the container", c.Name)
 		}
 		checkContainer(fmt.Sprintf("container %q", c.Name), c.SecurityContext, cfg, add)
+		if cfg.RequireFixedUser {
+			requireFixedUser(fmt.Sprintf("container %q", c.Name), pod.Spec.SecurityContext, c.SecurityContext, add)
+		}
 	}
 	if len(reasons) > 0 {
 		return &Refusal{Reasons: reasons}
@@ -210,11 +219,35 @@ func CheckEphemeral(pod *corev1.Pod, cfg Config) error {
 	add := func(format string, args ...any) { reasons = append(reasons, fmt.Sprintf(format, args...)) }
 	for _, c := range pod.Spec.EphemeralContainers {
 		checkContainer(fmt.Sprintf("ephemeral container %q", c.Name), c.SecurityContext, cfg, add)
+		if cfg.RequireFixedUser {
+			requireFixedUser(fmt.Sprintf("ephemeral container %q", c.Name), pod.Spec.SecurityContext, c.SecurityContext, add)
+		}
 	}
 	if len(reasons) > 0 {
 		return &Refusal{Reasons: reasons}
 	}
 	return nil
+}
+
+// requireFixedUser adds the reasons a container could become the proxy's UID at run time (see
+// Config.RequireFixedUser); the proxy's UID itself is checkContainer's.
+func requireFixedUser(what string, pod *corev1.PodSecurityContext, sc *corev1.SecurityContext, add func(string, ...any)) {
+	var uid *int64
+	if pod != nil {
+		uid = pod.RunAsUser
+	}
+	if sc != nil && sc.RunAsUser != nil {
+		uid = sc.RunAsUser
+	}
+	switch {
+	case uid == nil:
+		add("%s has no runAsUser (nor has the pod): the image's user is unknown here and could be the proxy's, whose traffic is not captured: set runAsUser to a UID other than 0", what)
+	case *uid == 0:
+		add("%s runs as root, which can switch to the proxy's UID, whose traffic is not captured: set runAsUser to a UID other than 0", what)
+	}
+	if sc == nil || sc.AllowPrivilegeEscalation == nil || *sc.AllowPrivilegeEscalation {
+		add("%s allows privilege escalation, with which a setuid program could make it the proxy's UID: set allowPrivilegeEscalation: false", what)
+	}
 }
 
 // checkContainer adds the reasons a container's security context would bypass capture; what

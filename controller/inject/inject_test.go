@@ -40,6 +40,7 @@ func testConfig() Config {
 
 type testCase struct {
 	Classic         bool              `json:"classic"`
+	Strict          bool              `json:"strict"` // Config.RequireFixedUser
 	NamespaceLabels map[string]string `json:"namespaceLabels"`
 	Pod             corev1.Pod        `json:"pod"`
 }
@@ -64,6 +65,7 @@ func TestMutateGolden(t *testing.T) {
 			}
 			cfg := testConfig()
 			cfg.NativeSidecar = !tc.Classic
+			cfg.RequireFixedUser = tc.Strict
 			before, _ := yaml.Marshal(tc.Pod)
 			out, err := Mutate(&tc.Pod, tc.NamespaceLabels, cfg)
 			var got []byte
@@ -150,5 +152,30 @@ func TestReinvocationChecksAddedContainers(t *testing.T) {
 	want := `egress-guard refuses this pod: container "added-by-another-webhook" runs as UID 15337, the proxy's, whose traffic is not captured: choose another UID`
 	if err == nil || err.Error() != want {
 		t.Fatalf("got %v, want %s", err, want)
+	}
+}
+
+// Ephemeral containers get the same checks as app containers, RequireFixedUser's included.
+func TestCheckEphemeral(t *testing.T) {
+	cfg := testConfig()
+	uid, root, no := cfg.ProxyUID, int64(0), false
+	pod := &corev1.Pod{Spec: corev1.PodSpec{EphemeralContainers: []corev1.EphemeralContainer{
+		{EphemeralContainerCommon: corev1.EphemeralContainerCommon{Name: "plain"}},
+		{EphemeralContainerCommon: corev1.EphemeralContainerCommon{Name: "root", SecurityContext: &corev1.SecurityContext{RunAsUser: &root, AllowPrivilegeEscalation: &no}}},
+	}}}
+	if err := CheckEphemeral(pod, cfg); err != nil {
+		t.Fatalf("without RequireFixedUser: %v", err)
+	}
+	cfg.RequireFixedUser = true
+	err := CheckEphemeral(pod, cfg)
+	want := `egress-guard refuses this pod: ephemeral container "plain" has no runAsUser (nor has the pod): the image's user is unknown here and could be the proxy's, whose traffic is not captured: set runAsUser to a UID other than 0; ` +
+		`ephemeral container "plain" allows privilege escalation, with which a setuid program could make it the proxy's UID: set allowPrivilegeEscalation: false; ` +
+		`ephemeral container "root" runs as root, which can switch to the proxy's UID, whose traffic is not captured: set runAsUser to a UID other than 0`
+	if err == nil || err.Error() != want {
+		t.Fatalf("got %v\nwant %s", err, want)
+	}
+	pod.Spec.EphemeralContainers = []corev1.EphemeralContainer{{EphemeralContainerCommon: corev1.EphemeralContainerCommon{Name: "as-proxy", SecurityContext: &corev1.SecurityContext{RunAsUser: &uid, AllowPrivilegeEscalation: &no}}}}
+	if err := CheckEphemeral(pod, cfg); err == nil || !strings.Contains(err.Error(), `ephemeral container "as-proxy" runs as UID 15337, the proxy's`) {
+		t.Fatalf("as the proxy's UID: %v", err)
 	}
 }
