@@ -69,6 +69,7 @@ func TestInjectorWithARealAPIServer(t *testing.T) {
 	for name, labels := range map[string]map[string]string{
 		"labelled": {inject.LabelInject: "enabled"},
 		"plain":    nil,
+		"enforced": {inject.LabelInject: "enforced"},
 		"strict":   {inject.LabelInject: "enabled", inject.LabelPodSecurity: "baseline"},
 	} {
 		if _, err := c.CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: name, Labels: labels}}, metav1.CreateOptions{}); err != nil {
@@ -209,6 +210,7 @@ func TestInjectorWithARealAPIServer(t *testing.T) {
 			{"plain", "untouched", nil, false},
 			{"plain", "opted-in", map[string]string{inject.AnnotationInject: "true"}, true},
 			{"labelled", "opted-out", map[string]string{inject.AnnotationInject: "false"}, false},
+			{"enforced", "opt-out-ignored", map[string]string{inject.AnnotationInject: "false"}, true},
 		} {
 			p, err := create(c.ns, c.name, c.annotations, nil)
 			if err != nil {

@@ -30,10 +30,12 @@ import (
 
 // Opt-in and record keeping.
 const (
-	// AnnotationInject on a pod (template): "true" opts in, "false" opts out of a labelled
-	// namespace.
+	// AnnotationInject on a pod (template): "true" opts in, "false" opts out of a namespace
+	// labelled "enabled".
 	AnnotationInject = "egress-guard.io/inject"
-	// LabelInject on a namespace: "enabled" injects every pod that does not opt out.
+	// LabelInject on a namespace: "enabled" injects every pod that does not opt out;
+	// "enforced" injects every pod, whatever its annotation says (the namespace's label is
+	// the platform's, the pod's annotation the workload's).
 	LabelInject = "egress-guard.io/inject"
 	// AnnotationStatus records what was injected (version and a hash of it).
 	AnnotationStatus = "egress-guard.io/status"
@@ -77,9 +79,12 @@ func (r *Refusal) Error() string {
 	return "egress-guard refuses this pod: " + strings.Join(r.Reasons, "; ")
 }
 
-// Wanted reports whether a pod asks for injection: its annotation decides, else its
-// namespace's label.
+// Wanted reports whether a pod is to be injected: always in an "enforced" namespace, else its
+// annotation decides, else its namespace's label.
 func Wanted(pod *corev1.Pod, namespaceLabels map[string]string) bool {
+	if namespaceLabels[LabelInject] == "enforced" {
+		return true
+	}
 	switch pod.Annotations[AnnotationInject] {
 	case "true":
 		return true
