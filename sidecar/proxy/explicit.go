@@ -167,9 +167,7 @@ func (s *Server) serveRequest(ss *session, h *headReader, req *http.Request) boo
 	if ss.rec.Request == 0 {
 		ss.rec.Request = 1
 	}
-	// A request still streaming when the policy stops allowing it is cut like a tunnel.
-	ss.watchPolicy(t)
-	return s.forward(ss, pol, id, req, v)
+	return s.forward(ss, pol, id, req, t, v)
 }
 
 // connect runs a CONNECT tunnel whose destination was allowed.

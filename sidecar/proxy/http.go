@@ -165,7 +165,7 @@ func (s *Server) closeIdleUpstreams() {
 // the client connection may carry another request. Upstream connections are pooled per
 // identity; interim responses (100 Continue and other 1xx) are relayed before the final one,
 // so clients that send Expect: 100-continue get their body through.
-func (s *Server) forward(ss *session, pol *policy.Policy, id *policy.Identity, req *http.Request, v decision.Verdict) (keepAlive bool) {
+func (s *Server) forward(ss *session, pol *policy.Policy, id *policy.Identity, req *http.Request, t decision.Target, v decision.Verdict) (keepAlive bool) {
 	ss.decide(v)
 	clientClose := req.Close
 	removeHopHeaders(req.Header)
@@ -179,7 +179,14 @@ func (s *Server) forward(ss *session, pol *policy.Policy, id *policy.Identity, r
 	}
 	out := &countingWriter{w: ss.conn}
 	trace := &httptrace.ClientTrace{
-		GotConn: func(i httptrace.GotConnInfo) { ss.rec.Upstream = addrPort(i.Conn.RemoteAddr()) },
+		// A request still streaming when the policy stops allowing it is cut like a tunnel.
+		// The question names the upstream address, known only once the transport has a
+		// connection (new or pooled): asked before, it would vet the zero address, which
+		// every policy allows. GotConn runs on this goroutine, before the request is sent.
+		GotConn: func(i httptrace.GotConnInfo) {
+			ss.rec.Upstream = addrPort(i.Conn.RemoteAddr())
+			ss.watchPolicy(t)
+		},
 		Got1xxResponse: func(code int, h textproto.MIMEHeader) error {
 			var b strings.Builder
 			fmt.Fprintf(&b, "HTTP/1.1 %d %s\r\n", code, http.StatusText(code))
@@ -189,7 +196,15 @@ func (s *Server) forward(ss *session, pol *policy.Policy, id *policy.Identity, r
 			return err
 		},
 	}
-	ctx := httptrace.WithClientTrace(context.WithValue(context.Background(), verdictKey{}, v), trace)
+	// The request ends when the tracker closes the client connection (idle, drain, a policy
+	// that no longer allows it): closing the client socket alone would leave this goroutine
+	// waiting on the upstream for as long as it stays silent, its close line unwritten and
+	// the drain waiting for it.
+	ctx, cancel := context.WithCancel(context.WithValue(context.Background(), verdictKey{}, v))
+	defer cancel()
+	ss.tc.SetCancel(cancel)
+	defer ss.tc.SetCancel(nil)
+	ctx = httptrace.WithClientTrace(ctx, trace)
 	resp, err := s.transportFor(pol, id.Name).RoundTrip(req.WithContext(ctx))
 	if err != nil {
 		if dialer.IsDialError(err) {

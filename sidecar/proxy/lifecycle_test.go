@@ -497,3 +497,98 @@ func TestKeepAliveTimeoutClosesIdleClients(t *testing.T) {
 		t.Fatalf("%d close lines, want 1", n)
 	}
 }
+
+// A plain-HTTP response still streaming when the policy stops allowing its upstream address is
+// cut like a tunnel: the new policy is asked about the address the request was dialed to.
+func TestPolicyChangeCutsStreamingPlainHTTP(t *testing.T) {
+	parse := func(y string) *policy.Policy {
+		p, err := policy.Parse("p.yaml", []byte(y), policy.Options{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return p
+	}
+	// localhost resolves to 127.0.0.1, internal: only the 127.0.0.0/8 rule names it.
+	before := parse("identities:\n  a: {api_keys: [ka], allowed_destinations: [localhost, \"127.0.0.0/8\"]}\n")
+	after := parse("identities:\n  a: {api_keys: [ka], allowed_destinations: [localhost]}\n")
+	var cur atomic.Pointer[policy.Policy]
+	cur.Store(before)
+	release := make(chan struct{})
+	up := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		io.WriteString(w, "first\n")
+		w.(http.Flusher).Flush()
+		select {
+		case <-release:
+		case <-r.Context().Done():
+		}
+	}))
+	defer up.Close()
+	defer close(release) // before up.Close, which waits for the handler
+	f := startWith(t, loopPolicy, func(c *Config) { c.Policy = cur.Load })
+	c, err := net.Dial("tcp", f.addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(10 * time.Second))
+	_, port, _ := net.SplitHostPort(up.Listener.Addr().String())
+	fmt.Fprintf(c, "GET http://localhost:%s/stream HTTP/1.1\r\nHost: localhost\r\nProxy-Authorization: %s\r\n\r\n", port, basic("ka"))
+	br := bufio.NewReader(c)
+	resp, err := http.ReadResponse(br, nil)
+	if err != nil || resp.StatusCode != 200 {
+		t.Fatalf("response %v %v", resp, err)
+	}
+	if line, err := bufio.NewReader(resp.Body).ReadString('\n'); err != nil || line != "first\n" {
+		t.Fatalf("first chunk %q %v", line, err)
+	}
+	mark := f.logs.mark()
+	cur.Store(after)
+	c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if _, err := io.ReadAll(resp.Body); err == nil {
+		t.Fatal("the response the new policy refuses ended normally")
+	} else if ne, ok := err.(net.Error); ok && ne.Timeout() {
+		t.Fatal("the response the new policy refuses was not cut")
+	}
+	expect(t, f.logs.one(t, mark, "close"), "identity", "a", "reason", "policy_revoked")
+}
+
+// Drain ends a plain-HTTP request waiting on an upstream that accepted and never answers: at
+// the deadline the tracker closes the client, the request is cancelled, its close line says
+// drain, and Drain returns.
+func TestDrainEndsARequestWaitingOnASilentUpstream(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	accepted := make(chan net.Conn, 1)
+	go func() {
+		if c, err := ln.Accept(); err == nil {
+			accepted <- c // held open, silent, until the test ends
+		}
+	}()
+	f := start(t, loopPolicy)
+	c, err := net.Dial("tcp", f.addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	mark := f.logs.mark()
+	fmt.Fprintf(c, "GET http://%s/ HTTP/1.1\r\nHost: x\r\nProxy-Authorization: %s\r\n\r\n", ln.Addr(), basic("k1"))
+	select {
+	case up := <-accepted:
+		defer up.Close()
+	case <-time.After(5 * time.Second):
+		t.Fatal("the request never reached the upstream")
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 500*time.Millisecond)
+	defer cancel()
+	done := make(chan struct{})
+	go func() { f.tracker.Drain(ctx); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(5 * time.Second):
+		t.Fatal("Drain did not return: the request still waits on the silent upstream")
+	}
+	expect(t, f.logs.one(t, mark, "close"), "identity", "loop", "reason", "drain")
+}

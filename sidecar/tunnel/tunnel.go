@@ -99,9 +99,10 @@ func NewTracker(cfg Config) *Tracker {
 type Conn struct {
 	t        *Tracker
 	client   *net.TCPConn
-	mu       sync.Mutex // guards upstream and reason
+	mu       sync.Mutex // guards upstream, reason and cancel
 	upstream *net.TCPConn
 	reason   outcome.CloseReason // set when the tracker closes the connection
+	cancel   func()              // SetCancel's
 
 	// Under Tracker.mu.
 	clientAddr netip.Addr
@@ -242,6 +243,23 @@ func (c *Conn) SetUpstream(u *net.TCPConn) bool {
 	return true
 }
 
+// SetCancel registers what to call when the tracker closes the connection, for what its
+// goroutine waits on besides its two sockets: a plain-HTTP request on a pooled upstream
+// connection, which closing the client does not end. nil unregisters. If the tracker already
+// closed the connection, cancel is called at once and false is returned.
+func (c *Conn) SetCancel(cancel func()) bool {
+	c.mu.Lock()
+	closed := c.reason != 0
+	if !closed {
+		c.cancel = cancel
+	}
+	c.mu.Unlock()
+	if closed && cancel != nil {
+		cancel()
+	}
+	return !closed
+}
+
 // Upstream returns the upstream attached with SetUpstream, or nil.
 func (c *Conn) Upstream() *net.TCPConn {
 	c.mu.Lock()
@@ -262,8 +280,13 @@ func (c *Conn) closeWith(reason outcome.CloseReason) {
 	if c.reason == 0 {
 		c.reason = reason
 	}
+	cancel := c.cancel
+	c.cancel = nil
 	c.mu.Unlock()
 	c.closeSockets()
+	if cancel != nil {
+		cancel()
+	}
 }
 
 func (c *Conn) closeSockets() {
