@@ -9,6 +9,7 @@ import (
 	"net/http"
 	"net/http/httptrace"
 	"net/textproto"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -167,7 +168,11 @@ func (s *Server) closeIdleUpstreams() {
 // so clients that send Expect: 100-continue get their body through.
 func (s *Server) forward(ss *session, pol *policy.Policy, id *policy.Identity, req *http.Request, t decision.Target, v decision.Verdict) (keepAlive bool) {
 	ss.decide(v)
-	clientClose := req.Close
+	// After a chunked request the connection is closed, not read for another request. The
+	// parser drops a Content-Length sent beside Transfer-Encoding, so whether there was one
+	// is not known here; RFC 9112 (6.3) requires closing after such a request, since a front
+	// end that framed it by the Content-Length disagrees on where the next request starts.
+	clientClose := req.Close || len(req.TransferEncoding) > 0
 	removeHopHeaders(req.Header)
 	req.RequestURI = ""
 	req.Close = false
@@ -223,8 +228,10 @@ func (s *Server) forward(ss *session, pol *policy.Policy, id *policy.Identity, r
 	removeHopHeaders(resp.Header)
 	resp.Proto, resp.ProtoMajor, resp.ProtoMinor = "HTTP/1.1", 1, 1
 	// A body the upstream answered before reading whole cannot be skipped safely: close after
-	// this response rather than read the next request from the middle of it.
-	keepAlive = !clientClose && body.done.Load()
+	// this response rather than read the next request from the middle of it. A response body
+	// that only the upstream's close delimits reaches the client the same way: its end is
+	// the connection's.
+	keepAlive = !clientClose && body.done.Load() && framed(resp, req.Method)
 	resp.Close = !keepAlive
 	if err := resp.Write(out); err != nil {
 		ss.end(outcome.Reset, body.n.Load(), out.n)
@@ -256,3 +263,13 @@ func (b *bodyReader) Read(p []byte) (int, error) {
 }
 
 func (b *bodyReader) Close() error { return nil } // the client connection outlives the request
+
+// framed reports whether a response's end is marked without closing the connection: a
+// Content-Length, chunked coding, or no body at all (HEAD, 1xx, 204, 304).
+func framed(resp *http.Response, method string) bool {
+	switch {
+	case method == http.MethodHead, resp.StatusCode/100 == 1, resp.StatusCode == http.StatusNoContent, resp.StatusCode == http.StatusNotModified:
+		return true
+	}
+	return resp.ContentLength >= 0 || slices.Contains(resp.TransferEncoding, "chunked")
+}

@@ -14,6 +14,7 @@ import (
 	"net/netip"
 	"strconv"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"syscall"
 	"testing"
@@ -591,4 +592,78 @@ func TestDrainEndsARequestWaitingOnASilentUpstream(t *testing.T) {
 		t.Fatal("Drain did not return: the request still waits on the silent upstream")
 	}
 	expect(t, f.logs.one(t, mark, "close"), "identity", "loop", "reason", "drain")
+}
+
+// A response whose body only the upstream's close delimits (no Content-Length, not chunked)
+// ends with the client connection's close, at once, not after the keep-alive timeout.
+func TestCloseDelimitedResponseClosesTheClient(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	go func() {
+		c, err := ln.Accept()
+		if err != nil {
+			return
+		}
+		defer c.Close()
+		http.ReadRequest(bufio.NewReader(c))
+		io.WriteString(c, "HTTP/1.1 200 OK\r\n\r\nhello-body")
+	}()
+	f := start(t, loopPolicy) // KeepAliveTimeout: the default 30 s
+	c, err := net.Dial("tcp", f.addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	fmt.Fprintf(c, "GET http://%s/ HTTP/1.1\r\nHost: x\r\nProxy-Authorization: %s\r\n\r\n", ln.Addr(), basic("k1"))
+	c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, err := io.ReadAll(resp.Body)
+	if err != nil || string(body) != "hello-body" {
+		t.Fatalf("body %q, %v; want hello-body and EOF (the connection closed)", body, err)
+	}
+}
+
+// A request with both Content-Length and a chunked body (request smuggling through a front end
+// that frames by Content-Length) is answered, and then the connection is closed: what follows
+// the chunked body is never read as another request.
+func TestChunkedRequestClosesTheConnection(t *testing.T) {
+	var paths []string
+	var mu sync.Mutex
+	up := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		mu.Lock()
+		paths = append(paths, r.Method+" "+r.URL.Path)
+		mu.Unlock()
+		io.WriteString(w, "ok")
+	}))
+	defer up.Close()
+	f := start(t, loopPolicy)
+	c, err := net.Dial("tcp", f.addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	auth := "Proxy-Authorization: " + basic("k1") + "\r\n"
+	io.WriteString(c, "POST "+up.URL+"/a HTTP/1.1\r\nHost: a\r\n"+auth+"Content-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"+
+		"GET "+up.URL+"/smuggled HTTP/1.1\r\nHost: a\r\n"+auth+"\r\n")
+	c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	br := bufio.NewReader(c)
+	resp, err := http.ReadResponse(br, nil)
+	if err != nil || resp.StatusCode != 200 || !resp.Close {
+		t.Fatalf("response %v (close %v), %v; want 200 with Connection: close", resp, resp != nil && resp.Close, err)
+	}
+	io.ReadAll(resp.Body)
+	if rest, err := io.ReadAll(br); err != nil || len(rest) != 0 {
+		t.Fatalf("after the response: %q, %v; want the connection closed", rest, err)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if len(paths) != 1 || paths[0] != "POST /a" {
+		t.Fatalf("the upstream got %v, want only POST /a", paths)
+	}
 }
