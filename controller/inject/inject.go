@@ -205,10 +205,7 @@ func check(pod *corev1.Pod, nsLabels map[string]string, cfg Config) error {
 		if c.Name == contract.SidecarContainer || c.Name == contract.InitContainer {
 			add("container name %q is egress-guard's: rename the container", c.Name)
 		}
-		checkContainer(fmt.Sprintf("container %q", c.Name), c.SecurityContext, c.VolumeMounts, cfg, add)
-		if cfg.RequireFixedUser {
-			requireFixedUser(fmt.Sprintf("container %q", c.Name), pod.Spec.SecurityContext, c.SecurityContext, add)
-		}
+		checkContainer(fmt.Sprintf("container %q", c.Name), pod.Spec.SecurityContext, c.SecurityContext, c.VolumeMounts, cfg, add)
 	}
 	if len(reasons) > 0 {
 		return &Refusal{Reasons: reasons}
@@ -223,10 +220,7 @@ func CheckEphemeral(pod *corev1.Pod, cfg Config) error {
 	var reasons []string
 	add := func(format string, args ...any) { reasons = append(reasons, fmt.Sprintf(format, args...)) }
 	for _, c := range pod.Spec.EphemeralContainers {
-		checkContainer(fmt.Sprintf("ephemeral container %q", c.Name), c.SecurityContext, c.VolumeMounts, cfg, add)
-		if cfg.RequireFixedUser {
-			requireFixedUser(fmt.Sprintf("ephemeral container %q", c.Name), pod.Spec.SecurityContext, c.SecurityContext, add)
-		}
+		checkContainer(fmt.Sprintf("ephemeral container %q", c.Name), pod.Spec.SecurityContext, c.SecurityContext, c.VolumeMounts, cfg, add)
 	}
 	if len(reasons) > 0 {
 		return &Refusal{Reasons: reasons}
@@ -256,12 +250,15 @@ func requireFixedUser(what string, pod *corev1.PodSecurityContext, sc *corev1.Se
 }
 
 // checkContainer adds the reasons a container would bypass capture or take the sidecar's
-// token; what names the container in them.
-func checkContainer(what string, sc *corev1.SecurityContext, mounts []corev1.VolumeMount, cfg Config, add func(string, ...any)) {
+// token; what names the container in them, pod is the pod's security context.
+func checkContainer(what string, pod *corev1.PodSecurityContext, sc *corev1.SecurityContext, mounts []corev1.VolumeMount, cfg Config, add func(string, ...any)) {
 	for _, m := range mounts {
 		if m.Name == tokenVolume {
 			add("%s mounts the volume %q, the sidecar's token, which is injected for the sidecar alone: remove the mount", what, tokenVolume)
 		}
+	}
+	if cfg.RequireFixedUser {
+		requireFixedUser(what, pod, sc, add)
 	}
 	if sc == nil {
 		return

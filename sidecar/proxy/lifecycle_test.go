@@ -557,28 +557,16 @@ func TestPolicyChangeCutsStreamingPlainHTTP(t *testing.T) {
 // the deadline the tracker closes the client, the request is cancelled, its close line says
 // drain, and Drain returns.
 func TestDrainEndsARequestWaitingOnASilentUpstream(t *testing.T) {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	accepted := make(chan net.Conn, 1)
-	go func() {
-		if c, err := ln.Accept(); err == nil {
-			accepted <- c // held open, silent, until the test ends
-		}
-	}()
+	accepted := make(chan struct{})
+	up := oneConnUpstream(t, func(c net.Conn) {
+		close(accepted)
+		io.Copy(io.Discard, c) // silent until the proxy gives up on it
+	})
 	f := start(t, loopPolicy)
-	c, err := net.Dial("tcp", f.addr)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
 	mark := f.logs.mark()
-	fmt.Fprintf(c, "GET http://%s/ HTTP/1.1\r\nHost: x\r\nProxy-Authorization: %s\r\n\r\n", ln.Addr(), basic("k1"))
+	plainGet(t, f.addr, up)
 	select {
-	case up := <-accepted:
-		defer up.Close()
+	case <-accepted:
 	case <-time.After(5 * time.Second):
 		t.Fatal("the request never reached the upstream")
 	}
@@ -597,27 +585,12 @@ func TestDrainEndsARequestWaitingOnASilentUpstream(t *testing.T) {
 // A response whose body only the upstream's close delimits (no Content-Length, not chunked)
 // ends with the client connection's close, at once, not after the keep-alive timeout.
 func TestCloseDelimitedResponseClosesTheClient(t *testing.T) {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	go func() {
-		c, err := ln.Accept()
-		if err != nil {
-			return
-		}
-		defer c.Close()
+	up := oneConnUpstream(t, func(c net.Conn) {
 		http.ReadRequest(bufio.NewReader(c))
 		io.WriteString(c, "HTTP/1.1 200 OK\r\n\r\nhello-body")
-	}()
+	})
 	f := start(t, loopPolicy) // KeepAliveTimeout: the default 30 s
-	c, err := net.Dial("tcp", f.addr)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	fmt.Fprintf(c, "GET http://%s/ HTTP/1.1\r\nHost: x\r\nProxy-Authorization: %s\r\n\r\n", ln.Addr(), basic("k1"))
+	c := plainGet(t, f.addr, up)
 	c.SetReadDeadline(time.Now().Add(5 * time.Second))
 	resp, err := http.ReadResponse(bufio.NewReader(c), nil)
 	if err != nil {
@@ -666,4 +639,35 @@ func TestChunkedRequestClosesTheConnection(t *testing.T) {
 	if len(paths) != 1 || paths[0] != "POST /a" {
 		t.Fatalf("the upstream got %v, want only POST /a", paths)
 	}
+}
+
+// oneConnUpstream serves its first connection with serve, then closes it; it returns its
+// address.
+func oneConnUpstream(t *testing.T, serve func(net.Conn)) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		if c, err := ln.Accept(); err == nil {
+			defer c.Close()
+			serve(c)
+		}
+	}()
+	return ln.Addr().String()
+}
+
+// plainGet sends a plain-HTTP GET for http://upstream/ through the proxy at addr, with the
+// loop policy's key, and returns the client connection.
+func plainGet(t *testing.T, addr, upstream string) net.Conn {
+	t.Helper()
+	c, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	fmt.Fprintf(c, "GET http://%s/ HTTP/1.1\r\nHost: x\r\nProxy-Authorization: %s\r\n\r\n", upstream, basic("k1"))
+	return c
 }
