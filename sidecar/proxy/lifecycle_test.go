@@ -230,15 +230,8 @@ identities:
 // A tunnel whose API key is removed from the policy is closed (policy_revoked), with its close
 // line; a tunnel the new policy still allows goes on.
 func TestPolicyChangeRevokesOpenTunnels(t *testing.T) {
-	parse := func(y string) *policy.Policy {
-		p, err := policy.Parse("p.yaml", []byte(y), policy.Options{})
-		if err != nil {
-			t.Fatal(err)
-		}
-		return p
-	}
-	before := parse("identities:\n  a: {api_keys: [ka], allowed_destinations: [\"127.0.0.0/8\"]}\n  b: {api_keys: [kb], allowed_destinations: [\"127.0.0.0/8\"]}\n")
-	after := parse("identities:\n  b: {api_keys: [kb], allowed_destinations: [\"127.0.0.0/8\"]}\n")
+	before := mustParse(t, "identities:\n  a: {api_keys: [ka], allowed_destinations: [\"127.0.0.0/8\"]}\n  b: {api_keys: [kb], allowed_destinations: [\"127.0.0.0/8\"]}\n")
+	after := mustParse(t, "identities:\n  b: {api_keys: [kb], allowed_destinations: [\"127.0.0.0/8\"]}\n")
 	var cur atomic.Pointer[policy.Policy]
 	cur.Store(before)
 	f := startWith(t, loopPolicy, func(c *Config) { c.Policy = cur.Load })
@@ -502,16 +495,9 @@ func TestKeepAliveTimeoutClosesIdleClients(t *testing.T) {
 // A plain-HTTP response still streaming when the policy stops allowing its upstream address is
 // cut like a tunnel: the new policy is asked about the address the request was dialed to.
 func TestPolicyChangeCutsStreamingPlainHTTP(t *testing.T) {
-	parse := func(y string) *policy.Policy {
-		p, err := policy.Parse("p.yaml", []byte(y), policy.Options{})
-		if err != nil {
-			t.Fatal(err)
-		}
-		return p
-	}
 	// localhost resolves to 127.0.0.1, internal: only the 127.0.0.0/8 rule names it.
-	before := parse("identities:\n  a: {api_keys: [ka], allowed_destinations: [localhost, \"127.0.0.0/8\"]}\n")
-	after := parse("identities:\n  a: {api_keys: [ka], allowed_destinations: [localhost]}\n")
+	before := mustParse(t, "identities:\n  a: {api_keys: [ka], allowed_destinations: [localhost, \"127.0.0.0/8\"]}\n")
+	after := mustParse(t, "identities:\n  a: {api_keys: [ka], allowed_destinations: [localhost]}\n")
 	var cur atomic.Pointer[policy.Policy]
 	cur.Store(before)
 	release := make(chan struct{})
@@ -670,4 +656,14 @@ func plainGet(t *testing.T, addr, upstream string) net.Conn {
 	t.Cleanup(func() { c.Close() })
 	fmt.Fprintf(c, "GET http://%s/ HTTP/1.1\r\nHost: x\r\nProxy-Authorization: %s\r\n\r\n", upstream, basic("k1"))
 	return c
+}
+
+// mustParse parses a policy document of a test.
+func mustParse(t *testing.T, y string) *policy.Policy {
+	t.Helper()
+	p, err := policy.Parse("p.yaml", []byte(y), policy.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return p
 }
