@@ -108,6 +108,10 @@ func TestCaptureLeavesNoOtherWayOut(t *testing.T) {
 		}{
 			{"udplite", []string{"udplite", net.JoinHostPort(fam.host, "9")}, []string{"-p", "136"}},
 			{"ping", []string{"ping", fam.host}, echo},
+			// A datagram from the host's address, forged with IP(V6)_FREEBIND (no privilege
+			// needed), to the pod's own address, then "answers" to the host: the forged
+			// packet must not create a conntrack entry whose replies may leave.
+			{"forgedreply", []string{"forgedreply", fam.pod, net.JoinHostPort(fam.host, "7777")}, []string{"-p", "udp", "--dport", "7777"}},
 		}
 		for _, pr := range probes {
 			t.Run(fam.name+" "+pr.name+" does not leave the pod", func(t *testing.T) {
@@ -135,6 +139,33 @@ func TestCaptureLeavesNoOtherWayOut(t *testing.T) {
 			})
 		}
 	}
+
+	// Root's default CAP_NET_RAW: ICMPv6 packet-too-big (a type IPv6 needs, accepted when
+	// the kernel sends it) from a raw socket carries data to any host unless ICMP from
+	// sockets is dropped.
+	t.Run("IPv6 icmp6raw does not leave the pod", func(t *testing.T) {
+		host := "fd00:18:1::10"
+		c := countArrivals(t, l.Net, "IPv6-icmp6raw", netlab.PodV6, "-p", "ipv6-icmp", "-m", "icmp6", "--icmpv6-type", "2")
+		out, err := l.Pod.Run(ctx, "setpriv", "--reuid", fmt.Sprint(appUID), "--regid", fmt.Sprint(appUID), "--clear-groups",
+			"--inh-caps=+net_raw", "--ambient-caps=+net_raw", "--", probe, "icmp6raw", host)
+		if err != nil || !strings.Contains(out, "icmp6raw socket open") {
+			t.Fatalf("probe with CAP_NET_RAW: %v\n%s", err, out)
+		}
+		t.Logf("uid %d with CAP_NET_RAW:\n%s", appUID, out)
+		time.Sleep(200 * time.Millisecond)
+		if n := c.packets(t); n != 0 {
+			t.Fatalf("%d ICMPv6 packet-too-big packets from the app's raw socket arrived at %s", n, host)
+		}
+		// The same as the proxy UID arrives: the counter sees what gets out.
+		if out, err := l.Pod.Run(ctx, "setpriv", "--reuid", fmt.Sprint(proxyUID), "--regid", fmt.Sprint(proxyUID), "--clear-groups",
+			"--inh-caps=+net_raw", "--ambient-caps=+net_raw", "--", probe, "icmp6raw", host); err != nil {
+			t.Fatalf("probe as the proxy: %v\n%s", err, out)
+		}
+		time.Sleep(200 * time.Millisecond)
+		if n := c.packets(t); n == 0 {
+			t.Fatal("the proxy UID's raw ICMPv6 did not arrive either: the counter sees nothing")
+		}
+	})
 
 	t.Run("the proxy GID is captured like any other group", func(t *testing.T) {
 		before := l.Accepted("198.18.1.20")

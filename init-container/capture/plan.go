@@ -108,8 +108,24 @@ func BuildPlan(cfg Config, fam Family) Plan {
 	// (UDP-Lite, SCTP, ICMP echo from ping sockets, raw IP...). TCP that nat redirected is
 	// accepted by its new destination: it goes out through lo, but OUTPUT's hooks all see the
 	// interface routed before nat, so "-o lo" does not match it.
+	icmp := "icmp"
+	if fam == IPv6 {
+		icmp = "ipv6-icmp"
+	}
 	filter := []Rule{
 		{"-m", "owner", "--uid-owner", uid, "-j", "ACCEPT"},
+		// Only the pod's own addresses may be a packet's source. A forged one (a raw socket,
+		// or IPV6_FREEBIND, which needs no privilege) sent to the pod's own address over lo
+		// would otherwise be accepted there and leave a conntrack entry whose "replies", sent
+		// from the pod to the forged address, the REPLY rule below lets out: a two-way UDP
+		// channel to any host. ICMPv6 is left to the next rule: the kernel's own neighbour
+		// discovery is sent from the unspecified address.
+		append(notICMPv6(fam), "-m", "addrtype", "!", "--src-type", "LOCAL", "-j", "DROP"),
+		// ICMP from any socket (raw, or ping sockets) is the app's; the kernel's own (errors,
+		// echo replies, neighbour discovery, MLD) has none. Without this, a raw socket could
+		// carry data to any host in the ICMPv6 types accepted below, or in an ICMP error
+		// claiming to be about a tracked connection.
+		{"-p", icmp, "-m", "owner", "--uid-owner", "0-4294967294", "-j", "DROP"},
 		{"-o", "lo", "-j", "ACCEPT"},
 		{"-d", hostPrefix(redirectAddr(fam)), "-p", "tcp", "-m", "tcp", "--dport", strconv.Itoa(int(cfg.RedirectPort)), "-j", "ACCEPT"},
 	}
@@ -126,10 +142,6 @@ func BuildPlan(cfg Config, fam Family) Plan {
 	}
 	// Replies of connections made to the pod (its servers, the kernel's echo replies and
 	// resets), and ICMP errors about tracked connections.
-	icmp := "icmp"
-	if fam == IPv6 {
-		icmp = "ipv6-icmp"
-	}
 	filter = append(filter,
 		Rule{"-m", "conntrack", "--ctdir", "REPLY", "-j", "ACCEPT"},
 		Rule{"-p", icmp, "-m", "conntrack", "--ctstate", "RELATED", "-j", "ACCEPT"})
@@ -155,6 +167,15 @@ func BuildPlan(cfg Config, fam Family) Plan {
 		{Table: "nat", Chain: contract.NatChain, Rules: nat},          // redirects
 		{Table: "filter", Chain: contract.FilterChain, Rules: filter}, // drops what must not leave directly
 	}}
+}
+
+// notICMPv6 is the start of a rule that leaves ICMPv6 out in the IPv6 family, and nothing in
+// the IPv4 one.
+func notICMPv6(fam Family) Rule {
+	if fam == IPv6 {
+		return Rule{"!", "-p", "ipv6-icmp"}
+	}
+	return Rule{}
 }
 
 // redirectAddr is where REDIRECT sends locally made connections.

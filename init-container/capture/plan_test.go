@@ -29,6 +29,8 @@ COMMIT
 :EGRESS_GUARD_FILTER - [0:0]
 -I OUTPUT 1 -j EGRESS_GUARD_FILTER
 -A EGRESS_GUARD_FILTER -m owner --uid-owner 15337 -j ACCEPT
+-A EGRESS_GUARD_FILTER -m addrtype ! --src-type LOCAL -j DROP
+-A EGRESS_GUARD_FILTER -p icmp -m owner --uid-owner 0-4294967294 -j DROP
 -A EGRESS_GUARD_FILTER -o lo -j ACCEPT
 -A EGRESS_GUARD_FILTER -d 127.0.0.1/32 -p tcp -m tcp --dport 15001 -j ACCEPT
 -A EGRESS_GUARD_FILTER -d 10.96.0.0/12 -j ACCEPT
@@ -44,7 +46,8 @@ COMMIT
 		t.Fatalf("plan:\n%s\nwant:\n%s", got, want)
 	}
 	v6 := BuildPlan(cfg, IPv6).String()
-	for _, s := range []string{"-d ::1/128 -j RETURN", "-d fd00:96::/64 -j RETURN", "-d fd00:96::a/128 -p udp -m udp --dport 53 -j ACCEPT"} {
+	for _, s := range []string{"-d ::1/128 -j RETURN", "-d fd00:96::/64 -j RETURN", "-d fd00:96::a/128 -p udp -m udp --dport 53 -j ACCEPT",
+		"! -p ipv6-icmp -m addrtype ! --src-type LOCAL -j DROP", "-p ipv6-icmp -m owner --uid-owner 0-4294967294 -j DROP"} {
 		if !strings.Contains(v6, s) {
 			t.Errorf("IPv6 plan lacks %q:\n%s", s, v6)
 		}
@@ -55,8 +58,9 @@ COMMIT
 }
 
 // Whatever the app sends that no rule lets out (UDP-Lite, ICMP echo from a ping socket, raw
-// IP) ends in the filter chain's last rule, a DROP; before it come only the proxy UID,
-// loopback, exclusions, DNS to the resolvers, replies, and what IPv6 itself needs.
+// IP) ends in the filter chain's last rule, a DROP; before it come only the proxy UID, the
+// drops of forged sources and of ICMP from sockets, loopback, exclusions, DNS to the
+// resolvers, replies, and what IPv6 itself needs (from the kernel, which owns no socket).
 func TestPlanFilterEndsInDrop(t *testing.T) {
 	cfg := Config{
 		ProxyUID: 15337, RedirectPort: 15001,
@@ -67,6 +71,8 @@ func TestPlanFilterEndsInDrop(t *testing.T) {
 	}
 	want := []string{
 		"-m owner --uid-owner 15337 -j ACCEPT",
+		"! -p ipv6-icmp -m addrtype ! --src-type LOCAL -j DROP",  // forged sources
+		"-p ipv6-icmp -m owner --uid-owner 0-4294967294 -j DROP", // ICMPv6 from any socket
 		"-o lo -j ACCEPT",
 		"-d ::1/128 -p tcp -m tcp --dport 15001 -j ACCEPT", // redirected to the sidecar
 		"-d fd00:96::/64 -j ACCEPT",
