@@ -3,8 +3,10 @@ package e2e
 import (
 	"bufio"
 	"context"
+	"crypto/tls"
 	"fmt"
 	"io"
+	"net"
 	"os"
 	"path/filepath"
 	"slices"
@@ -451,6 +453,49 @@ func TestSidecarTransparent(t *testing.T) {
 		lg.decision(t, cat(tr("http-proxy", "method", "GET", "target", "a.cdn.example.com:80", "destination", "*.cdn.example.com"), allowed)...)
 	})
 
+	// api.example.com is an exact-name rule, so its address 198.18.1.10 is allowed for a
+	// client that names no host. A ClientHello naming another site, sent so that the first
+	// peek sees one byte, or cut short by a stall, must not pass as "named no host".
+	t.Run("a ClientHello cannot dodge its SNI to reach an allowed name's address", func(t *testing.T) {
+		hello := clientHello(t, "evil.test")
+		for _, c := range []struct {
+			name  string
+			send  func(net.Conn)
+			match []string
+			hint  bool // no name was read: the decision line says only IP rules applied
+		}{
+			{"first byte alone", func(c net.Conn) {
+				c.Write(hello[:1])
+				time.Sleep(300 * time.Millisecond)
+				c.Write(hello[1:])
+			}, cat(tr("tls", "target", "evil.test:443", "sni", "evil.test"), denied), false},
+			{"a stall after the first byte", func(c net.Conn) {
+				c.Write(hello[:1]) // and nothing more within the peek timeout
+			}, cat(tr("tcp", "target", "198.18.1.10:443"), denied), true},
+			{"a stall mid-message", func(c net.Conn) {
+				c.Write(hello[:100])
+			}, cat(tr("tls", "target", "198.18.1.10:443"), denied), true},
+		} {
+			t.Run(c.name, func(t *testing.T) {
+				lg := from(p.side)
+				conn, err := l.Pod.Dial("tcp", "198.18.1.10:443", 3*time.Second)
+				if err != nil {
+					t.Fatal(err)
+				}
+				defer conn.Close()
+				conn.SetDeadline(time.Now().Add(10 * time.Second))
+				c.send(conn)
+				if b, err := io.ReadAll(conn); len(b) != 0 {
+					t.Fatalf("the connection answered %d bytes (%v)", len(b), err)
+				}
+				d := lg.decision(t, c.match...)
+				if h, _ := d["hint"].(string); c.hint != strings.Contains(h, "only IP rules apply") {
+					t.Fatalf("hint %q", h)
+				}
+			})
+		}
+	})
+
 	t.Run("a server-first connection to a wildcard-only host is denied with a hint", func(t *testing.T) {
 		// a.cdn.example.com is allowed only by *.cdn.example.com: with no name sent, the
 		// address cannot be matched, and the decision line says what rule is missing.
@@ -475,4 +520,26 @@ func TestSidecarTransparent(t *testing.T) {
 			t.Fatalf("allowed = %v", v)
 		}
 	})
+}
+
+// clientHello returns the first TLS record a Go client sends for sni: its ClientHello.
+func clientHello(t *testing.T, sni string) []byte {
+	t.Helper()
+	a, b := net.Pipe()
+	defer b.Close()
+	go func() {
+		defer a.Close()
+		// The handshake never completes: only its first flight is read.
+		tls.Client(a, &tls.Config{ServerName: sni, InsecureSkipVerify: true}).Handshake()
+	}()
+	b.SetReadDeadline(time.Now().Add(5 * time.Second))
+	head := make([]byte, 5)
+	if _, err := io.ReadFull(b, head); err != nil {
+		t.Fatal(err)
+	}
+	body := make([]byte, int(head[3])<<8|int(head[4]))
+	if _, err := io.ReadFull(b, body); err != nil {
+		t.Fatal(err)
+	}
+	return append(head, body...)
 }

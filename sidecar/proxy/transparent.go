@@ -75,12 +75,21 @@ func (s *Server) serveTransparent(ss *session) {
 		}
 	}
 
-	v := s.decide(id, t, s.known.Load())
+	// The addresses resolved for exact names stand in for a name only when the client sent
+	// none because its protocol carries none. A client that spoke, or may have been about to
+	// speak, TLS or HTTP and gave no valid name (one byte and a stall, a stall mid-message, a
+	// message over the peek budget, a malformed or invalid name) is decided on IP rules
+	// alone: else an SNI or Host for any site could reach an allowed name's shared address.
+	known := s.known.Load()
+	if p.mayName && !t.IsName() {
+		known = nil
+	}
+	v := s.decide(id, t, known)
 	if v.Proceeds() {
 		v = decision.CheckECH(v, id.Mode, p.ech, s.cfg.DenyECH)
 	}
 	if !v.Proceeds() {
-		ss.rec.Hint = serverFirstHint(id, t, v)
+		ss.rec.Hint = namelessHint(id, t, v, p.mayName)
 		ss.refuse(v, "")
 		return
 	}
@@ -117,6 +126,9 @@ type peeked struct {
 	protocol string // tls, http, http-proxy, server-first or tcp
 	ech      bool   // the ClientHello carries encrypted_client_hello
 	prefix   []byte // every byte read, to replay upstream
+	// mayName: the bytes were, or could still have become, TLS or HTTP, protocols that name
+	// their host.
+	mayName bool
 }
 
 // peekName reads the client's first bytes to learn the name it is asking for: the SNI of a TLS
@@ -127,10 +139,13 @@ type peeked struct {
 //
 // A request in proxy form (CONNECT, or an absolute URL) is an app with its own proxy
 // settings: it is marked http-proxy, and served as the explicit listener would serve it.
-func (s *Server) peekName(conn *net.TCPConn) peeked {
-	p := peeked{protocol: "tcp", prefix: make([]byte, 0, 2048)}
+func (s *Server) peekName(conn *net.TCPConn) (p peeked) {
+	p = peeked{protocol: "tcp", prefix: make([]byte, 0, 2048)}
 	conn.SetReadDeadline(time.Now().Add(s.cfg.ServerFirstTimeout))
 	defer conn.SetReadDeadline(time.Time{})
+	defer func() { // on every return: p is the named result
+		p.mayName = p.protocol == "tls" || p.protocol == "http" || len(p.prefix) > 0 && peek.Undecided(p.prefix)
+	}()
 	first := true
 	for len(p.prefix) < maxPeek {
 		buf := p.prefix
@@ -171,7 +186,10 @@ func (s *Server) peekName(conn *net.TCPConn) peeked {
 					return p
 				}
 			default:
-				return p
+				if !peek.Undecided(p.prefix) {
+					return p // another protocol
+				}
+				// One byte of a TLS record header, or the start of a method: read on.
 			}
 		}
 		if err != nil {
@@ -194,12 +212,16 @@ func isProxyRequest(req *peek.HTTPRequest) bool {
 	return strings.HasPrefix(t, "http://") || strings.HasPrefix(t, "https://")
 }
 
-// serverFirstHint explains a denied captured connection that named no host when the identity
-// has wildcard rules for its port: a wildcard cannot match an address, and only exact-name
-// rules are resolved ahead. Without the hint such a denial is hard to tell from a missing rule.
-func serverFirstHint(id *policy.Identity, t decision.Target, v decision.Verdict) string {
+// namelessHint explains a denied captured connection that named no host. A client that spoke
+// TLS or HTTP without a valid name is held to IP rules. Otherwise, when the identity has
+// wildcard rules for its port: a wildcard cannot match an address, and only exact-name rules
+// are resolved ahead. Without the hint such a denial is hard to tell from a missing rule.
+func namelessHint(id *policy.Identity, t decision.Target, v decision.Verdict, mayName bool) string {
 	if t.IsName() || v.Reason != outcome.NoMatchingRule {
 		return ""
+	}
+	if mayName {
+		return "the client spoke TLS or HTTP but gave no valid host name within the peek budget (time, size or syntax): only IP rules apply to it"
 	}
 	for _, r := range id.Rules {
 		if r.Kind == policy.KindSuffix && r.AllowsPort(t.Port) {
