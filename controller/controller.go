@@ -151,7 +151,10 @@ func (k kubeReviewer) Review(ctx context.Context, token string, audiences []stri
 	if err != nil {
 		return false, "", fmt.Errorf("token review: %w", err)
 	}
-	return tr.Status.Authenticated, tr.Status.User.Username, nil
+	if !tr.Status.Authenticated || !tokenreview.AudiencesGranted(tr.Status.Audiences, audiences) {
+		return false, "", nil
+	}
+	return true, tr.Status.User.Username, nil
 }
 
 // restConfig is the API server access: a kubeconfig file, or the pod's own ServiceAccount.
@@ -240,7 +243,9 @@ func Run(ctx context.Context, cfg Config, out io.Writer) error {
 	defer stop()
 	go watcher.Run(bg)
 	errc := make(chan error, 2)
-	go func() { errc <- ps.Serve(tls.NewListener(apiLn, tlsConfig)) }()
+	// The policy listener gets its own copy of the TLS config: the webhook's http.Server adds
+	// "h2" to its config's NextProtos when it starts, and the policy server speaks HTTP/1.1 only.
+	go func() { errc <- ps.Serve(tls.NewListener(apiLn, tlsConfig.Clone())) }()
 	// Every sidecar holds a connection to the policy listener: the admin endpoints keep a few
 	// descriptors in reserve so that the liveness probe is still answered if they run out.
 	go func() { errc <- admin.Serve(fdreserve.Listen(adminLn, fdreserve.AdminReserve)) }()
@@ -316,8 +321,10 @@ func newWebhook(cfg Config, client kubernetes.Interface, log *slog.Logger, tlsCo
 	}
 	log.Info("admission webhook listening", "addr", ln.Addr().String(), "native_sidecar", ic.NativeSidecar)
 	return &webhookServer{ln: ln, srv: &http.Server{
-		Handler:           mux,
-		TLSConfig:         tlsConfig,
+		Handler: mux,
+		// A copy: ServeTLS adds "h2" to the config's NextProtos (net/http's HTTP/2 setup),
+		// which must not reach the caller's config (the policy listener's).
+		TLSConfig:         tlsConfig.Clone(),
 		ReadHeaderTimeout: 10 * time.Second,
 		ReadTimeout:       30 * time.Second,
 		WriteTimeout:      30 * time.Second,

@@ -1,6 +1,7 @@
 package policyserver
 
 import (
+	"bufio"
 	"context"
 	"io"
 	"net"
@@ -259,5 +260,37 @@ func TestKeepAliveAndParkedConnections(t *testing.T) {
 	time.Sleep(50 * time.Millisecond)
 	if n := runtime.NumGoroutine() - before; n > 5 {
 		t.Fatalf("50 parked sidecars hold %d goroutines", n)
+	}
+}
+
+// A refused token ends its connection: one connection cannot send request after request,
+// each a TokenReview against the API server.
+func TestUnauthorizedClosesTheConnection(t *testing.T) {
+	s, hs := newServer(t)
+	s.SetPolicy(parse(t, v1))
+	for _, token := range []string{"forged", ""} {
+		conn, err := net.Dial("tcp", strings.TrimPrefix(hs.URL, "http://"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer conn.Close()
+		auth := ""
+		if token != "" {
+			auth = "Authorization: Bearer " + token + "\r\n"
+		}
+		conn.Write([]byte("GET " + Path + " HTTP/1.1\r\nHost: x\r\n" + auth + "\r\n"))
+		conn.SetReadDeadline(time.Now().Add(5 * time.Second))
+		br := bufio.NewReader(conn)
+		resp, err := http.ReadResponse(br, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		io.ReadAll(resp.Body)
+		if resp.StatusCode != http.StatusUnauthorized || !resp.Close {
+			t.Fatalf("token %q: %d, Connection: %q; want 401 and Connection: close", token, resp.StatusCode, resp.Header.Get("Connection"))
+		}
+		if _, err := br.ReadByte(); err != io.EOF {
+			t.Fatalf("token %q: after a 401 the connection is still open (read: %v), want EOF", token, err)
+		}
 	}
 }

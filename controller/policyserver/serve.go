@@ -92,7 +92,9 @@ func (s *Server) serveConn(pc *conn, first bool) {
 		ctx, cancel := context.WithTimeout(context.Background(), reviewTimeout)
 		a, who, etag, wait := s.evaluate(req.WithContext(ctx))
 		cancel()
-		keep := !req.Close
+		// A refused token ends the connection: otherwise one connection could send request
+		// after request with new tokens, each a TokenReview against the API server.
+		keep := !req.Close && a.code != http.StatusUnauthorized
 		if wait > 0 {
 			if pc.br.Buffered() == 0 {
 				pc.br = nil // a parked connection keeps no read buffer; resume makes a new one

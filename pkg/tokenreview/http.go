@@ -113,11 +113,17 @@ func (r *HTTPReviewer) Review(ctx context.Context, token string, audiences []str
 	if !out.Status.Authenticated {
 		return false, "", nil
 	}
-	if len(audiences) > 0 && !overlap(out.Status.Audiences, audiences) {
-		// An API server that ignores spec.audiences (it should not) must not widen them.
+	if !AudiencesGranted(out.Status.Audiences, audiences) {
 		return false, "", nil
 	}
 	return true, out.Status.User.Username, nil
+}
+
+// AudiencesGranted reports whether a TokenReview that asked for requested audiences and was
+// answered authenticated for granted (status.audiences) holds for one of them. An API server
+// that ignores spec.audiences (it should not) must not widen them: every Reviewer checks this.
+func AudiencesGranted(granted, requested []string) bool {
+	return len(requested) == 0 || overlap(granted, requested)
 }
 
 func overlap(a, b []string) bool {

@@ -1,6 +1,7 @@
 // Package tokenreview verifies Kubernetes ServiceAccount tokens with the API server's
-// TokenReview, and caches the answers: one review per token until shortly before it expires,
-// failures remembered briefly, concurrent reviews of one token coalesced, memory bounded.
+// TokenReview, and caches the answers: one review per token every 2 minutes at most, never
+// trusted past its expiry, refusals remembered briefly and apart (they cannot evict accepted
+// tokens), concurrent reviews of one token coalesced, memory bounded.
 //
 // The cache is keyed by a hash of the token; tokens themselves are never stored, logged or
 // put in errors. The proxy reviews over one HTTPS call (HTTPReviewer, no Kubernetes client
@@ -55,16 +56,23 @@ type Reviewer interface {
 // Cache answers Authenticate from memory when it can. The zero value is not usable; set
 // Reviewer and call New... or fill the fields and use it as a value behind a pointer.
 type Cache struct {
-	Reviewer    Reviewer
-	Audiences   []string      // default: DefaultAudience
-	MaxTTL      time.Duration // longest a positive answer is kept (default 10m), never past the token's expiry
+	Reviewer  Reviewer
+	Audiences []string // default: DefaultAudience
+	// MaxTTL is the longest a positive answer is kept (default 2m, as the API server's own
+	// token cache), never past the token's expiry: a bound token stops passing TokenReview
+	// when its pod is deleted, and is trusted at most this long after.
+	MaxTTL      time.Duration
 	NegativeTTL time.Duration // how long a refusal is kept (default 10s)
-	MaxEntries  int           // default 10000; beyond it the oldest half is dropped
+	MaxEntries  int           // accepted tokens, default 10000; beyond it half are dropped
+	// MaxNegativeEntries bounds the refusals (default 1000), kept apart from the accepted
+	// tokens so that a flood of bad tokens can never evict a sidecar's good one.
+	MaxNegativeEntries int
 
 	now func() time.Time
 
 	mu       sync.Mutex
-	entries  map[[32]byte]entry
+	entries  map[[32]byte]entry // accepted tokens
+	refusals map[[32]byte]entry // refused tokens
 	inflight map[[32]byte]*call
 
 	reviews atomic.Int64 // TokenReviews sent
@@ -93,9 +101,14 @@ func (c *Cache) Authenticate(ctx context.Context, token string) Result {
 	now := c.clock()
 	c.mu.Lock()
 	if c.entries == nil {
-		c.entries, c.inflight = map[[32]byte]entry{}, map[[32]byte]*call{}
+		c.entries, c.refusals, c.inflight = map[[32]byte]entry{}, map[[32]byte]entry{}, map[[32]byte]*call{}
 	}
 	if e, ok := c.entries[key]; ok && now.Before(e.expires) {
+		c.mu.Unlock()
+		c.hits.Add(1)
+		return e.res
+	}
+	if e, ok := c.refusals[key]; ok && now.Before(e.expires) {
 		c.mu.Unlock()
 		c.hits.Add(1)
 		return e.res
@@ -118,10 +131,15 @@ func (c *Cache) Authenticate(ctx context.Context, token string) Result {
 	c.mu.Lock()
 	delete(c.inflight, key)
 	if ttl := c.ttl(cl.res, token, now); ttl > 0 {
-		if max := c.maxEntries(); len(c.entries) >= max {
-			c.evict(now, max/2)
+		m, other, max := c.entries, c.refusals, c.maxEntries()
+		if !cl.res.OK() {
+			m, other, max = c.refusals, c.entries, c.maxNegativeEntries()
 		}
-		c.entries[key] = entry{res: cl.res, expires: now.Add(ttl)}
+		if len(m) >= max {
+			evict(m, now, max/2)
+		}
+		m[key] = entry{res: cl.res, expires: now.Add(ttl)}
+		delete(other, key)
 	}
 	c.mu.Unlock()
 	close(cl.done)
@@ -149,7 +167,7 @@ func (c *Cache) review(ctx context.Context, token string) Result {
 }
 
 // ttl is how long an answer may be kept: a positive one until the token expires (less a
-// margin, at most MaxTTL), a refusal NegativeTTL, an unanswered question not at all.
+// margin, at most MaxTTL, default 2 minutes), a refusal NegativeTTL, an unanswered question not at all.
 func (c *Cache) ttl(r Result, token string, now time.Time) time.Duration {
 	switch r.Failure {
 	case FailureUnavailable:
@@ -158,7 +176,7 @@ func (c *Cache) ttl(r Result, token string, now time.Time) time.Duration {
 	default:
 		return durationOr(c.NegativeTTL, 10*time.Second)
 	}
-	ttl := durationOr(c.MaxTTL, 10*time.Minute)
+	ttl := durationOr(c.MaxTTL, 2*time.Minute)
 	if exp, ok := Expiry(token); ok {
 		// A margin so that a token about to expire is reviewed again rather than trusted
 		// past its end by clock skew.
@@ -169,19 +187,19 @@ func (c *Cache) ttl(r Result, token string, now time.Time) time.Duration {
 	return max(ttl, 0)
 }
 
-// evict drops the expired entries, then arbitrary live ones (map order is random) until at
-// most keep remain.
-func (c *Cache) evict(now time.Time, keep int) {
-	for k, e := range c.entries {
+// evict drops the expired entries of m, then arbitrary live ones (map order is random) until
+// at most keep remain.
+func evict(m map[[32]byte]entry, now time.Time, keep int) {
+	for k, e := range m {
 		if !now.Before(e.expires) {
-			delete(c.entries, k)
+			delete(m, k)
 		}
 	}
-	for k := range c.entries {
-		if len(c.entries) <= keep {
+	for k := range m {
+		if len(m) <= keep {
 			return
 		}
-		delete(c.entries, k)
+		delete(m, k)
 	}
 }
 
@@ -190,6 +208,13 @@ func (c *Cache) maxEntries() int {
 		return c.MaxEntries
 	}
 	return 10000
+}
+
+func (c *Cache) maxNegativeEntries() int {
+	if c.MaxNegativeEntries > 0 {
+		return c.MaxNegativeEntries
+	}
+	return 1000
 }
 
 func (c *Cache) clock() time.Time {

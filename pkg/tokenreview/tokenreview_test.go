@@ -73,8 +73,8 @@ func TestCacheReviewsOncePerTokenUntilItExpires(t *testing.T) {
 	if n := f.calls.Load(); n != 3 {
 		t.Fatalf("a token near its expiry was not reviewed again: %d calls", n)
 	}
-	// MaxTTL bounds a long-lived token too.
-	clk.t = clk.t.Add(11 * time.Minute)
+	// MaxTTL (2 minutes by default) bounds a long-lived token too.
+	clk.t = clk.t.Add(3 * time.Minute)
 	c.Authenticate(context.Background(), good)
 	if n := f.calls.Load(); n != 4 {
 		t.Fatalf("a cached answer outlived MaxTTL: %d calls", n)
@@ -222,5 +222,57 @@ func TestHTTPReviewer(t *testing.T) {
 	}
 	if _, err := NewHTTPReviewer(srv.URL, cred, filepath.Join(dir, "missing")); err == nil {
 		t.Fatal("missing CA accepted")
+	}
+}
+
+// A flood of refused tokens never evicts an accepted one: refusals have their own, smaller
+// bound.
+func TestCacheRefusalsDoNotEvictAcceptedTokens(t *testing.T) {
+	clk := &clock{t: time.Unix(1_800_000_000, 0)}
+	good := jwt(map[string]any{"exp": clk.t.Add(time.Hour).Unix()})
+	f := &fakeReviewer{users: map[string]string{good: "system:serviceaccount:shop:frontend"}}
+	c := &Cache{Reviewer: f, now: clk.now}
+	if !c.Authenticate(context.Background(), good).OK() {
+		t.Fatal("good token refused")
+	}
+	const flood = 50000
+	for i := 0; i < flood; i++ {
+		if r := c.Authenticate(context.Background(), jwt(map[string]any{"garbage": i})); r.Failure != FailureInvalid {
+			t.Fatalf("garbage token %d: %+v", i, r)
+		}
+	}
+	if r := c.Authenticate(context.Background(), good); !r.OK() {
+		t.Fatalf("good token after the flood: %+v", r)
+	}
+	if n := f.calls.Load(); n != 1+flood {
+		t.Fatalf("%d TokenReviews, want %d: the accepted token was evicted by refusals and reviewed again", n, 1+flood)
+	}
+	if n := len(c.refusals); n > 1000 || n < 500 {
+		t.Fatalf("%d refusals cached, want 500 to 1000", n)
+	}
+	// The refusals are still remembered: the last one is not reviewed again.
+	c.Authenticate(context.Background(), jwt(map[string]any{"garbage": flood - 1}))
+	if n := f.calls.Load(); n != 1+flood {
+		t.Fatal("a recent refusal was not cached")
+	}
+}
+
+// An accepted token is trusted for at most 2 minutes by default (a deleted pod's bound token
+// stops passing TokenReview; the API server's own token cache keeps answers 2 minutes too).
+func TestCachePositiveTTLDefaultsToTwoMinutes(t *testing.T) {
+	clk := &clock{t: time.Unix(1_800_000_000, 0)}
+	good := jwt(map[string]any{"exp": clk.t.Add(time.Hour).Unix()})
+	f := &fakeReviewer{users: map[string]string{good: "system:serviceaccount:shop:frontend"}}
+	c := &Cache{Reviewer: f, now: clk.now}
+	c.Authenticate(context.Background(), good)
+	clk.t = clk.t.Add(2*time.Minute - time.Second)
+	c.Authenticate(context.Background(), good)
+	if n := f.calls.Load(); n != 1 {
+		t.Fatalf("%d reviews within 2 minutes, want 1", n)
+	}
+	clk.t = clk.t.Add(2 * time.Second)
+	c.Authenticate(context.Background(), good)
+	if n := f.calls.Load(); n != 2 {
+		t.Fatalf("an accepted token was trusted past 2 minutes without a review: %d reviews", n)
 	}
 }
