@@ -228,10 +228,7 @@ func TestHTTPReviewer(t *testing.T) {
 // A flood of refused tokens never evicts an accepted one: refusals have their own, smaller
 // bound.
 func TestCacheRefusalsDoNotEvictAcceptedTokens(t *testing.T) {
-	clk := &clock{t: time.Unix(1_800_000_000, 0)}
-	good := jwt(map[string]any{"exp": clk.t.Add(time.Hour).Unix()})
-	f := &fakeReviewer{users: map[string]string{good: "system:serviceaccount:shop:frontend"}}
-	c := &Cache{Reviewer: f, now: clk.now}
+	c, f, _, good := cacheWithGoodToken()
 	if !c.Authenticate(context.Background(), good).OK() {
 		t.Fatal("good token refused")
 	}
@@ -260,10 +257,7 @@ func TestCacheRefusalsDoNotEvictAcceptedTokens(t *testing.T) {
 // An accepted token is trusted for at most 2 minutes by default (a deleted pod's bound token
 // stops passing TokenReview; the API server's own token cache keeps answers 2 minutes too).
 func TestCachePositiveTTLDefaultsToTwoMinutes(t *testing.T) {
-	clk := &clock{t: time.Unix(1_800_000_000, 0)}
-	good := jwt(map[string]any{"exp": clk.t.Add(time.Hour).Unix()})
-	f := &fakeReviewer{users: map[string]string{good: "system:serviceaccount:shop:frontend"}}
-	c := &Cache{Reviewer: f, now: clk.now}
+	c, f, clk, good := cacheWithGoodToken()
 	c.Authenticate(context.Background(), good)
 	clk.t = clk.t.Add(2*time.Minute - time.Second)
 	c.Authenticate(context.Background(), good)
@@ -275,4 +269,13 @@ func TestCachePositiveTTLDefaultsToTwoMinutes(t *testing.T) {
 	if n := f.calls.Load(); n != 2 {
 		t.Fatalf("an accepted token was trusted past 2 minutes without a review: %d reviews", n)
 	}
+}
+
+// cacheWithGoodToken is a cache on a fake reviewer and clock that accepts one token, valid for
+// an hour.
+func cacheWithGoodToken() (*Cache, *fakeReviewer, *clock, string) {
+	clk := &clock{t: time.Unix(1_800_000_000, 0)}
+	good := jwt(map[string]any{"exp": clk.t.Add(time.Hour).Unix()})
+	f := &fakeReviewer{users: map[string]string{good: "system:serviceaccount:shop:frontend"}}
+	return &Cache{Reviewer: f, now: clk.now}, f, clk, good
 }
