@@ -9,6 +9,7 @@
 package tokenreview
 
 import (
+	"cmp"
 	"context"
 	"crypto/sha256"
 	"encoding/base64"
@@ -67,10 +68,15 @@ type Cache struct {
 	// MaxNegativeEntries bounds the refusals (default 1000), kept apart from the accepted
 	// tokens so that a flood of bad tokens can never evict a sidecar's good one.
 	MaxNegativeEntries int
+	// MaxInflight bounds the TokenReviews sent at once (default 32); more wait for a slot
+	// until their context ends. Anyone who reaches the listener can present new tokens, and
+	// each is a review: this keeps a flood from becoming one against the API server.
+	MaxInflight int
 
 	now func() time.Time
 
 	mu       sync.Mutex
+	slots    chan struct{}      // MaxInflight; made with the maps
 	entries  map[[32]byte]entry // accepted tokens
 	refusals map[[32]byte]entry // refused tokens
 	inflight map[[32]byte]*call
@@ -102,6 +108,7 @@ func (c *Cache) Authenticate(ctx context.Context, token string) Result {
 	c.mu.Lock()
 	if c.entries == nil {
 		c.entries, c.refusals, c.inflight = map[[32]byte]entry{}, map[[32]byte]entry{}, map[[32]byte]*call{}
+		c.slots = make(chan struct{}, cmp.Or(c.MaxInflight, 32))
 	}
 	if e, ok := c.entries[key]; ok && now.Before(e.expires) {
 		c.mu.Unlock()
@@ -147,6 +154,12 @@ func (c *Cache) Authenticate(ctx context.Context, token string) Result {
 }
 
 func (c *Cache) review(ctx context.Context, token string) Result {
+	select {
+	case c.slots <- struct{}{}:
+		defer func() { <-c.slots }()
+	case <-ctx.Done():
+		return Result{Failure: FailureUnavailable}
+	}
 	c.reviews.Add(1)
 	aud := c.Audiences
 	if len(aud) == 0 {

@@ -279,3 +279,55 @@ func cacheWithGoodToken() (*Cache, *fakeReviewer, *clock, string) {
 	f := &fakeReviewer{users: map[string]string{good: "system:serviceaccount:shop:frontend"}}
 	return &Cache{Reviewer: f, now: clk.now}, f, clk, good
 }
+
+// blockingReviewer holds every review until release is closed, and records the most it held
+// at once.
+type blockingReviewer struct {
+	release   chan struct{}
+	now, most atomic.Int64
+}
+
+func (b *blockingReviewer) Review(ctx context.Context, _ string, _ []string) (bool, string, error) {
+	n := b.now.Add(1)
+	defer b.now.Add(-1)
+	for {
+		m := b.most.Load()
+		if n <= m || b.most.CompareAndSwap(m, n) {
+			break
+		}
+	}
+	<-b.release
+	return false, "", nil
+}
+
+// No more than MaxInflight reviews go to the API server at once, however many new tokens
+// arrive; the others wait for a slot, or give up with their context (unavailable, not cached).
+func TestCacheBoundsReviewsInFlight(t *testing.T) {
+	b := &blockingReviewer{release: make(chan struct{})}
+	c := &Cache{Reviewer: b, MaxInflight: 4}
+	var wg sync.WaitGroup
+	for i := 0; i < 50; i++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			c.Authenticate(context.Background(), jwt(map[string]any{"n": i}))
+		}()
+	}
+	for b.now.Load() < 4 {
+		time.Sleep(time.Millisecond)
+	}
+	time.Sleep(50 * time.Millisecond) // time for more to get in, if they could
+	if n := b.most.Load(); n != 4 {
+		t.Fatalf("%d reviews at once, want 4", n)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Millisecond)
+	defer cancel()
+	if r := c.Authenticate(ctx, jwt(map[string]any{"n": "late"})); r.Failure != FailureUnavailable {
+		t.Fatalf("a review that found no slot before its deadline: %+v, want unavailable", r)
+	}
+	close(b.release)
+	wg.Wait()
+	if n := b.most.Load(); n != 4 {
+		t.Fatalf("%d reviews at once, want 4", n)
+	}
+}
