@@ -62,9 +62,18 @@ func (c counter) packets(t *testing.T) int {
 
 // as runs a command in the pod as uid/gid with no capabilities.
 func (p *pod) as(uid, gid int, args ...string) (string, error) {
-	cmd := append([]string{"setpriv", "--reuid", fmt.Sprint(uid), "--regid", fmt.Sprint(gid), "--clear-groups",
-		"--inh-caps=-all", "--bounding-set=-all", "--"}, args...)
-	return p.lab.Pod.Run(context.Background(), cmd...)
+	return p.asWithCaps("-all", uid, gid, args...)
+}
+
+// asWithCaps runs a command in the pod as uid/gid (also its group) with capabilities caps
+// (setpriv's syntax: "-all", or "+net_raw" for what root's default set would give a raw socket).
+func (p *pod) asWithCaps(caps string, uid, gid int, args ...string) (string, error) {
+	set := []string{"--inh-caps=-all", "--bounding-set=-all"}
+	if caps != "-all" {
+		set = []string{"--inh-caps=" + caps, "--ambient-caps=" + caps}
+	}
+	cmd := append(append([]string{"setpriv", "--reuid", fmt.Sprint(uid), "--regid", fmt.Sprint(gid), "--clear-groups"}, set...), "--")
+	return p.lab.Pod.Run(context.Background(), append(cmd, args...)...)
 }
 
 // appAs runs curl like p.app, as uid with primary group gid.
@@ -146,8 +155,7 @@ func TestCaptureLeavesNoOtherWayOut(t *testing.T) {
 	t.Run("IPv6 icmp6raw does not leave the pod", func(t *testing.T) {
 		host := "fd00:18:1::10"
 		c := countArrivals(t, l.Net, "IPv6-icmp6raw", netlab.PodV6, "-p", "ipv6-icmp", "-m", "icmp6", "--icmpv6-type", "2")
-		out, err := l.Pod.Run(ctx, "setpriv", "--reuid", fmt.Sprint(appUID), "--regid", fmt.Sprint(appUID), "--clear-groups",
-			"--inh-caps=+net_raw", "--ambient-caps=+net_raw", "--", probe, "icmp6raw", host)
+		out, err := p.asWithCaps("+net_raw", appUID, appUID, probe, "icmp6raw", host)
 		if err != nil || !strings.Contains(out, "icmp6raw socket open") {
 			t.Fatalf("probe with CAP_NET_RAW: %v\n%s", err, out)
 		}
@@ -157,8 +165,7 @@ func TestCaptureLeavesNoOtherWayOut(t *testing.T) {
 			t.Fatalf("%d ICMPv6 packet-too-big packets from the app's raw socket arrived at %s", n, host)
 		}
 		// The same as the proxy UID arrives: the counter sees what gets out.
-		if out, err := l.Pod.Run(ctx, "setpriv", "--reuid", fmt.Sprint(proxyUID), "--regid", fmt.Sprint(proxyUID), "--clear-groups",
-			"--inh-caps=+net_raw", "--ambient-caps=+net_raw", "--", probe, "icmp6raw", host); err != nil {
+		if out, err := p.asWithCaps("+net_raw", proxyUID, proxyUID, probe, "icmp6raw", host); err != nil {
 			t.Fatalf("probe as the proxy: %v\n%s", err, out)
 		}
 		time.Sleep(200 * time.Millisecond)
