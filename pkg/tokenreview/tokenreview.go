@@ -138,9 +138,9 @@ func (c *Cache) Authenticate(ctx context.Context, token string) Result {
 	c.mu.Lock()
 	delete(c.inflight, key)
 	if ttl := c.ttl(cl.res, token, now); ttl > 0 {
-		m, other, max := c.entries, c.refusals, c.maxEntries()
+		m, other, max := c.entries, c.refusals, cmp.Or(c.MaxEntries, 10000)
 		if !cl.res.OK() {
-			m, other, max = c.refusals, c.entries, c.maxNegativeEntries()
+			m, other, max = c.refusals, c.entries, cmp.Or(c.MaxNegativeEntries, 1000)
 		}
 		if len(m) >= max {
 			evict(m, now, max/2)
@@ -214,20 +214,6 @@ func evict(m map[[32]byte]entry, now time.Time, keep int) {
 		}
 		delete(m, k)
 	}
-}
-
-func (c *Cache) maxEntries() int {
-	if c.MaxEntries > 0 {
-		return c.MaxEntries
-	}
-	return 10000
-}
-
-func (c *Cache) maxNegativeEntries() int {
-	if c.MaxNegativeEntries > 0 {
-		return c.MaxNegativeEntries
-	}
-	return 1000
 }
 
 func (c *Cache) clock() time.Time {
