@@ -243,9 +243,7 @@ func Run(ctx context.Context, cfg Config, out io.Writer) error {
 	defer stop()
 	go watcher.Run(bg)
 	errc := make(chan error, 2)
-	// The policy listener gets its own copy of the TLS config: the webhook's http.Server adds
-	// "h2" to its config's NextProtos when it starts, and the policy server speaks HTTP/1.1 only.
-	go func() { errc <- ps.Serve(tls.NewListener(apiLn, tlsConfig.Clone())) }()
+	go func() { errc <- ps.Serve(tls.NewListener(apiLn, tlsConfig)) }()
 	// Every sidecar holds a connection to the policy listener: the admin endpoints keep a few
 	// descriptors in reserve so that the liveness probe is still answered if they run out.
 	go func() { errc <- admin.Serve(fdreserve.Listen(adminLn, fdreserve.AdminReserve)) }()
