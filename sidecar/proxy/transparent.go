@@ -81,7 +81,7 @@ func (s *Server) serveTransparent(ss *session) {
 	// message over the peek budget, a malformed or invalid name) is decided on IP rules
 	// alone: else an SNI or Host for any site could reach an allowed name's shared address.
 	known := s.known.Load()
-	if p.mayName && !t.IsName() {
+	if p.mayName() && !t.IsName() {
 		known = nil
 	}
 	v := s.decide(id, t, known)
@@ -89,7 +89,7 @@ func (s *Server) serveTransparent(ss *session) {
 		v = decision.CheckECH(v, id.Mode, p.ech, s.cfg.DenyECH)
 	}
 	if !v.Proceeds() {
-		ss.rec.Hint = namelessHint(id, t, v, p.mayName)
+		ss.rec.Hint = namelessHint(id, t, v, p.mayName())
 		ss.refuse(v, "")
 		return
 	}
@@ -126,9 +126,12 @@ type peeked struct {
 	protocol string // tls, http, http-proxy, server-first or tcp
 	ech      bool   // the ClientHello carries encrypted_client_hello
 	prefix   []byte // every byte read, to replay upstream
-	// mayName: the bytes were, or could still have become, TLS or HTTP, protocols that name
-	// their host.
-	mayName bool
+}
+
+// mayName reports whether the bytes were, or could still have become, TLS or HTTP, protocols
+// that name their host.
+func (p peeked) mayName() bool {
+	return p.protocol == "tls" || p.protocol == "http" || len(p.prefix) > 0 && peek.Undecided(p.prefix)
 }
 
 // peekName reads the client's first bytes to learn the name it is asking for: the SNI of a TLS
@@ -139,13 +142,10 @@ type peeked struct {
 //
 // A request in proxy form (CONNECT, or an absolute URL) is an app with its own proxy
 // settings: it is marked http-proxy, and served as the explicit listener would serve it.
-func (s *Server) peekName(conn *net.TCPConn) (p peeked) {
-	p = peeked{protocol: "tcp", prefix: make([]byte, 0, 2048)}
+func (s *Server) peekName(conn *net.TCPConn) peeked {
+	p := peeked{protocol: "tcp", prefix: make([]byte, 0, 2048)}
 	conn.SetReadDeadline(time.Now().Add(s.cfg.ServerFirstTimeout))
 	defer conn.SetReadDeadline(time.Time{})
-	defer func() { // on every return: p is the named result
-		p.mayName = p.protocol == "tls" || p.protocol == "http" || len(p.prefix) > 0 && peek.Undecided(p.prefix)
-	}()
 	first := true
 	for len(p.prefix) < maxPeek {
 		buf := p.prefix
