@@ -43,14 +43,11 @@ func Sniff(first []byte) Protocol {
 	return ProtoUnknown
 }
 
-// Undecided reports whether first is too short for Sniff to tell: empty, the first byte of a
-// TLS handshake record, or a run of A-Z that could still be an HTTP method. Sniff says
-// ProtoUnknown for it, but more bytes may make it TLS or HTTP.
+// Undecided reports whether first is too short for Sniff to tell: the first byte of a TLS
+// handshake record, or a run of A-Z (none included) that could still be an HTTP method. Sniff
+// says ProtoUnknown for it, but more bytes may make it TLS or HTTP.
 func Undecided(first []byte) bool {
-	switch {
-	case len(first) == 0:
-		return true
-	case len(first) == 1 && first[0] == typeHandshake:
+	if len(first) == 1 && first[0] == typeHandshake {
 		return true
 	}
 	return methodEnd(first) == len(first)
