@@ -274,15 +274,12 @@ func exchangeUDP(ctx context.Context, server string, msg []byte, id uint16, q dn
 		// server's answer until the deadline. Giving up on it would let an off-path sender
 		// that guesses the source port fail the lookup (and have the failure cached).
 		a, err := parseResponse(buf[:n], id, q)
-		if err != nil && err != errTruncated {
-			if _, ok := err.(*serverError); !ok {
-				if err != errMismatch {
-					ignored = err
-				}
-				continue
-			}
+		if _, answered := err.(*serverError); err == nil || err == errTruncated || answered {
+			return a, err
 		}
-		return a, err
+		if err != errMismatch {
+			ignored = err
+		}
 	}
 }
 
