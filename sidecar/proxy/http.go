@@ -9,7 +9,6 @@ import (
 	"net/http"
 	"net/http/httptrace"
 	"net/textproto"
-	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -267,9 +266,7 @@ func (b *bodyReader) Close() error { return nil } // the client connection outli
 // framed reports whether a response's end is marked without closing the connection: a
 // Content-Length, chunked coding, or no body at all (HEAD, 1xx, 204, 304).
 func framed(resp *http.Response, method string) bool {
-	switch {
-	case method == http.MethodHead, resp.StatusCode/100 == 1, resp.StatusCode == http.StatusNoContent, resp.StatusCode == http.StatusNotModified:
-		return true
-	}
-	return resp.ContentLength >= 0 || slices.Contains(resp.TransferEncoding, "chunked")
+	// The transport already gives 1xx, 204 and 304 a ContentLength of 0, and reports a chunked
+	// body in TransferEncoding; only HEAD keeps the length its body does not have.
+	return method == http.MethodHead || resp.ContentLength >= 0 || len(resp.TransferEncoding) > 0
 }
