@@ -54,10 +54,8 @@ func (h *Webhook) review(ctx context.Context, req *admissionv1.AdmissionRequest)
 	deny := func(code int32, msg string) *admissionv1.AdmissionResponse {
 		return &admissionv1.AdmissionResponse{Allowed: false, Result: &metav1.Status{Code: code, Message: msg, Reason: metav1.StatusReasonForbidden}}
 	}
-	if req.Kind.Kind == "Pod" && req.Operation == admissionv1.Update && req.SubResource == "ephemeralcontainers" {
-		return h.reviewEphemeral(ctx, req, deny)
-	}
-	if req.Kind.Kind != "Pod" || req.Operation != admissionv1.Create || req.SubResource != "" {
+	ephemeral := req.Operation == admissionv1.Update && req.SubResource == "ephemeralcontainers"
+	if req.Kind.Kind != "Pod" || !ephemeral && (req.Operation != admissionv1.Create || req.SubResource != "") {
 		return &admissionv1.AdmissionResponse{Allowed: true}
 	}
 	var pod corev1.Pod
@@ -71,6 +69,9 @@ func (h *Webhook) review(ctx context.Context, req *admissionv1.AdmissionRequest)
 	if err != nil {
 		// failurePolicy Fail: without the namespace's labels the decision cannot be made.
 		return deny(http.StatusInternalServerError, fmt.Sprintf("egress-guard: reading namespace %q: %v", req.Namespace, err))
+	}
+	if ephemeral {
+		return h.reviewEphemeral(req, &pod, labels, deny)
 	}
 	out, err := Mutate(&pod, labels, h.Config)
 	if err != nil {
@@ -95,23 +96,15 @@ func (h *Webhook) review(ctx context.Context, req *admissionv1.AdmissionRequest)
 
 // reviewEphemeral answers an UPDATE of a pod's ephemeral containers (kubectl debug): in a pod
 // that wants capture, or has it, they must not bypass it. Nothing is injected into them.
-func (h *Webhook) reviewEphemeral(ctx context.Context, req *admissionv1.AdmissionRequest, deny func(int32, string) *admissionv1.AdmissionResponse) *admissionv1.AdmissionResponse {
-	var pod corev1.Pod
-	if err := json.Unmarshal(req.Object.Raw, &pod); err != nil {
-		return deny(http.StatusBadRequest, "egress-guard: the pod does not decode: "+err.Error())
-	}
-	labels, err := h.Namespaces(ctx, req.Namespace)
-	if err != nil {
-		return deny(http.StatusInternalServerError, fmt.Sprintf("egress-guard: reading namespace %q: %v", req.Namespace, err))
-	}
+func (h *Webhook) reviewEphemeral(req *admissionv1.AdmissionRequest, pod *corev1.Pod, labels map[string]string, deny func(int32, string) *admissionv1.AdmissionResponse) *admissionv1.AdmissionResponse {
 	// The annotations can be edited on a running pod, so the status record counts too: a pod
 	// that was injected keeps its capture whatever its opt-in says now.
-	if _, injected := pod.Annotations[AnnotationStatus]; !injected && !Wanted(&pod, labels) {
+	if _, injected := pod.Annotations[AnnotationStatus]; !injected && !Wanted(pod, labels) {
 		return &admissionv1.AdmissionResponse{Allowed: true}
 	}
-	if err := CheckEphemeral(&pod, h.Config); err != nil {
+	if err := CheckEphemeral(pod, h.Config); err != nil {
 		if h.Log != nil {
-			h.Log.Info("ephemeral container refused", "namespace", req.Namespace, "pod", podName(&pod), "reason", err.Error())
+			h.Log.Info("ephemeral container refused", "namespace", req.Namespace, "pod", podName(pod), "reason", err.Error())
 		}
 		return deny(http.StatusForbidden, err.Error())
 	}
