@@ -75,6 +75,19 @@ type Config struct {
 // Refusal is a pod the injector will not admit, with what to change.
 type Refusal struct{ Reasons []string }
 
+// add is a reason, formatted.
+func (r *Refusal) add(format string, args ...any) {
+	r.Reasons = append(r.Reasons, fmt.Sprintf(format, args...))
+}
+
+// orNil is r as an error when it has a reason, else nil.
+func (r *Refusal) orNil() error {
+	if len(r.Reasons) == 0 {
+		return nil
+	}
+	return r
+}
+
 func (r *Refusal) Error() string {
 	return "egress-guard refuses this pod: " + strings.Join(r.Reasons, "; ")
 }
@@ -170,8 +183,8 @@ func inject(pod *corev1.Pod, cfg Config) *corev1.Pod {
 
 // check refuses the pods that would bypass capture, each reason saying what to change.
 func check(pod *corev1.Pod, nsLabels map[string]string, cfg Config) error {
-	var reasons []string
-	add := func(format string, args ...any) { reasons = append(reasons, fmt.Sprintf(format, args...)) }
+	r := &Refusal{}
+	add := r.add
 	if level := nsLabels[LabelPodSecurity]; level == "baseline" || level == "restricted" {
 		add("namespace %q enforces Pod Security %q (label %s), which rejects the capture init container's NET_ADMIN and NET_RAW: "+
 			"label the namespace %s=privileged, or opt this pod out with the annotation %s: \"false\" and send its egress through the gateway",
@@ -207,25 +220,19 @@ func check(pod *corev1.Pod, nsLabels map[string]string, cfg Config) error {
 		}
 		checkContainer(fmt.Sprintf("container %q", c.Name), pod.Spec.SecurityContext, c.SecurityContext, c.VolumeMounts, cfg, add)
 	}
-	if len(reasons) > 0 {
-		return &Refusal{Reasons: reasons}
-	}
-	return nil
+	return r.orNil()
 }
 
 // CheckEphemeral refuses ephemeral containers (kubectl debug) that would bypass the capture of
 // a pod that has it, as check refuses app containers. The webhook sees them as an UPDATE of
 // the pod's ephemeralcontainers subresource, never as a pod CREATE.
 func CheckEphemeral(pod *corev1.Pod, cfg Config) error {
-	var reasons []string
-	add := func(format string, args ...any) { reasons = append(reasons, fmt.Sprintf(format, args...)) }
+	r := &Refusal{}
+	add := r.add
 	for _, c := range pod.Spec.EphemeralContainers {
 		checkContainer(fmt.Sprintf("ephemeral container %q", c.Name), pod.Spec.SecurityContext, c.SecurityContext, c.VolumeMounts, cfg, add)
 	}
-	if len(reasons) > 0 {
-		return &Refusal{Reasons: reasons}
-	}
-	return nil
+	return r.orNil()
 }
 
 // requireFixedUser adds the reasons a container could become the proxy's UID at run time (see
