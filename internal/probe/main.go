@@ -86,12 +86,13 @@ func run(args []string) error {
 // datagrams from the pod's port 5555 to the host, as if answering it.
 func forgedReply(pod netip.Addr, host netip.AddrPort) error {
 	const podPort = 5555
-	family, level, opt := unix.AF_INET6, unix.IPPROTO_IPV6, unix.IPV6_FREEBIND
-	sockaddr := func(a netip.Addr, port int) unix.Sockaddr { return &unix.SockaddrInet6{Addr: a.As16(), Port: port} }
-	if host.Addr().Is4() {
-		family, level, opt = unix.AF_INET, unix.IPPROTO_IP, unix.IP_FREEBIND
-		sockaddr = func(a netip.Addr, port int) unix.Sockaddr { return &unix.SockaddrInet4{Addr: a.As4(), Port: port} }
+	family, hostSA := sockaddr(host.Addr(), host.Port())
+	_, podSA := sockaddr(pod, podPort)
+	level, opt, unspecified := unix.IPPROTO_IPV6, unix.IPV6_FREEBIND, netip.IPv6Unspecified()
+	if family == unix.AF_INET {
+		level, opt, unspecified = unix.IPPROTO_IP, unix.IP_FREEBIND, netip.IPv4Unspecified()
 	}
+	_, anySA := sockaddr(unspecified, podPort)
 	forged, err := unix.Socket(family, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
 	if err != nil {
 		return fmt.Errorf("forgedreply socket: %w", err)
@@ -100,11 +101,11 @@ func forgedReply(pod netip.Addr, host netip.AddrPort) error {
 	if err := unix.SetsockoptInt(forged, level, opt, 1); err != nil {
 		return fmt.Errorf("forgedreply freebind: %w", err)
 	}
-	if err := unix.Bind(forged, sockaddr(host.Addr(), int(host.Port()))); err != nil {
+	if err := unix.Bind(forged, hostSA); err != nil {
 		return fmt.Errorf("forgedreply bind to %s: %w", host, err)
 	}
 	fmt.Printf("forgedreply socket open (uid %d gid %d)\n", os.Getuid(), os.Getgid())
-	if err := unix.Sendto(forged, []byte("x"), 0, sockaddr(pod, podPort)); err != nil {
+	if err := unix.Sendto(forged, []byte("x"), 0, podSA); err != nil {
 		fmt.Printf("forged datagram from %s to the pod: not sent: %v\n", host, err)
 	} else {
 		fmt.Printf("forged datagram from %s to the pod: sent\n", host)
@@ -114,15 +115,11 @@ func forgedReply(pod netip.Addr, host netip.AddrPort) error {
 		return fmt.Errorf("forgedreply socket: %w", err)
 	}
 	defer unix.Close(answer)
-	unspecified := netip.IPv6Unspecified()
-	if host.Addr().Is4() {
-		unspecified = netip.IPv4Unspecified()
-	}
-	if err := unix.Bind(answer, sockaddr(unspecified, podPort)); err != nil {
+	if err := unix.Bind(answer, anySA); err != nil {
 		return fmt.Errorf("forgedreply bind to port %d: %w", podPort, err)
 	}
 	for i := 0; i < count; i++ {
-		if err := unix.Sendto(answer, []byte("egress-guard forged reply probe"), 0, sockaddr(host.Addr(), int(host.Port()))); err != nil {
+		if err := unix.Sendto(answer, []byte("egress-guard forged reply probe"), 0, hostSA); err != nil {
 			fmt.Printf("reply to %s: not sent: %v\n", host, err)
 			continue
 		}
@@ -140,10 +137,7 @@ func send(what string, addr netip.Addr, port uint16, proto int, packet func(int)
 // sendType is send with a socket type of its own (SOCK_DGRAM or SOCK_RAW).
 func sendType(what string, addr netip.Addr, port uint16, typ, proto int, packet func(int) []byte) error {
 	addr = addr.Unmap()
-	family, sa := unix.AF_INET6, unix.Sockaddr(&unix.SockaddrInet6{Addr: addr.As16(), Port: int(port)})
-	if addr.Is4() {
-		family, sa = unix.AF_INET, &unix.SockaddrInet4{Addr: addr.As4(), Port: int(port)}
-	}
+	family, sa := sockaddr(addr, port)
 	fd, err := unix.Socket(family, typ|unix.SOCK_CLOEXEC, proto)
 	if err != nil {
 		return fmt.Errorf("%s socket: %w", what, err)
@@ -172,4 +166,14 @@ func sendType(what string, addr netip.Addr, port uint16, typ, proto int, packet 
 		}
 		fmt.Printf("%s: received %d bytes from %s\n", what, n, target)
 	}
+}
+
+// sockaddr is the address family and socket address of addr and port (IPv4-mapped addresses
+// as IPv4).
+func sockaddr(addr netip.Addr, port uint16) (int, unix.Sockaddr) {
+	addr = addr.Unmap()
+	if addr.Is4() {
+		return unix.AF_INET, &unix.SockaddrInet4{Addr: addr.As4(), Port: int(port)}
+	}
+	return unix.AF_INET6, &unix.SockaddrInet6{Addr: addr.As16(), Port: int(port)}
 }
