@@ -100,7 +100,6 @@ var ranges = []rangeClass{
 
 // IPv6 forms that carry an IPv4 address.
 var (
-	mapped     = netip.MustParsePrefix("::ffff:0:0/96")
 	translated = netip.MustParsePrefix("::ffff:0:0:0/96")
 	compatible = netip.MustParsePrefix("::/96")
 	nat64      = netip.MustParsePrefix("64:ff9b::/96")
@@ -188,7 +187,7 @@ func (c *Classifier) Classify(addr netip.Addr) (Class, netip.Prefix) {
 			return Self, netip.PrefixFrom(addr, 128)
 		}
 		if cl, r := c.classify(v4); cl.Internal() {
-			return cl, image(addr, mapped, cl, r)
+			return cl, image(addr, 96, cl, r)
 		}
 		return Public, netip.Prefix{}
 	}
@@ -199,7 +198,7 @@ func (c *Classifier) Classify(addr netip.Addr) (Class, netip.Prefix) {
 		return cl, p
 	}
 	if addr.Is6() {
-		v4s, n, form := embedded(addr)
+		v4s, n, at := embedded(addr)
 		for _, v4 := range v4s[:n] {
 			if self.has(v4) {
 				return Self, netip.PrefixFrom(addr, 128)
@@ -207,7 +206,7 @@ func (c *Classifier) Classify(addr netip.Addr) (Class, netip.Prefix) {
 		}
 		for _, v4 := range v4s[:n] {
 			if cl, r := c.classify(v4); cl.Internal() {
-				return cl, image(addr, form, cl, r)
+				return cl, image(addr, at, cl, r)
 			}
 		}
 	}
@@ -231,18 +230,19 @@ func (c *Classifier) classify(addr netip.Addr) (Class, netip.Prefix) {
 
 // embedded returns the IPv4 addresses an IPv6 address carries (the first n of v4s: none, one,
 // Teredo's client and server, or the four places an operator's local-use NAT64 prefix may put
-// it) and the form's prefix. It returns an array, not a slice, so that Classify does not
+// it) and the bit at which the form puts it (0 when not in one place: Teredo, local-use NAT64).
+// It returns an array, not a slice, so that Classify does not
 // allocate.
-func embedded(a netip.Addr) (v4s [4]netip.Addr, n int, prefix netip.Prefix) {
+func embedded(a netip.Addr) (v4s [4]netip.Addr, n int, at int) {
 	b := a.As16()
 	last := netip.AddrFrom4([4]byte{b[12], b[13], b[14], b[15]})
 	switch {
 	case translated.Contains(a):
-		return [4]netip.Addr{last}, 1, translated
+		return [4]netip.Addr{last}, 1, 96
 	case compatible.Contains(a): // :: and ::1 were classified already
-		return [4]netip.Addr{last}, 1, compatible
+		return [4]netip.Addr{last}, 1, 96
 	case nat64.Contains(a):
-		return [4]netip.Addr{last}, 1, nat64
+		return [4]netip.Addr{last}, 1, 96
 	case nat64Local.Contains(a):
 		// RFC 8215 lets the operator use a /48, /56, /64 or /96 inside 64:ff9b:1::/48, and
 		// RFC 6052 puts the IPv4 address in a different place for each. Which one this
@@ -261,15 +261,15 @@ func embedded(a netip.Addr) (v4s [4]netip.Addr, n int, prefix netip.Prefix) {
 				v4s[n], n = c, n+1
 			}
 		}
-		return v4s, n, nat64Local
+		return v4s, n, 0
 	case sixToFour.Contains(a):
-		return [4]netip.Addr{netip.AddrFrom4([4]byte{b[2], b[3], b[4], b[5]})}, 1, sixToFour
+		return [4]netip.Addr{netip.AddrFrom4([4]byte{b[2], b[3], b[4], b[5]})}, 1, 16
 	case teredo.Contains(a):
 		server := netip.AddrFrom4([4]byte{b[4], b[5], b[6], b[7]})
 		client := netip.AddrFrom4([4]byte{^b[12], ^b[13], ^b[14], ^b[15]})
-		return [4]netip.Addr{client, server}, 2, teredo
+		return [4]netip.Addr{client, server}, 2, 0
 	}
-	return v4s, 0, netip.Prefix{}
+	return v4s, 0, 0
 }
 
 // image is the internal range of an IPv6 form that embeds an internal IPv4 address whose
@@ -280,15 +280,11 @@ func embedded(a netip.Addr) (v4s [4]netip.Addr, n int, prefix netip.Prefix) {
 // Endpoints (Platform, and the loopback and link-local ranges that hold the metadata services)
 // are the address alone, as Self is. Forms whose IPv4 bits are not in one place (Teredo, the
 // local-use NAT64 prefix) are the address alone too.
-func image(addr netip.Addr, form netip.Prefix, cl Class, r netip.Prefix) netip.Prefix {
-	switch {
-	case cl == Platform || cl == Loopback || cl == LinkLocal:
-	case form == sixToFour:
-		return netip.PrefixFrom(addr, 16+r.Bits()).Masked()
-	case form == mapped || form == translated || form == compatible || form == nat64:
-		return netip.PrefixFrom(addr, 96+r.Bits()).Masked()
+func image(addr netip.Addr, at int, cl Class, r netip.Prefix) netip.Prefix {
+	if at == 0 || cl == Platform || cl == Loopback || cl == LinkLocal {
+		return netip.PrefixFrom(addr, 128)
 	}
-	return netip.PrefixFrom(addr, 128)
+	return netip.PrefixFrom(addr, at+r.Bits()).Masked()
 }
 
 // NamedBy reports whether a rule for prefix rule explicitly names the internal range that
